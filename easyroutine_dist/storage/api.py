@@ -1,0 +1,228 @@
+"""ActivationSaver, ActivationLoader and QueryResult (easyroutine's API) on the storage layer."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from ..cache import ActivationCache
+from ..errors import MetadataError, StorageError
+from . import layout
+from .catalog import Catalog
+from .fs import Store, resolve, resolve_from_env
+from .query import build_criteria, jsonable, matches, normalise
+from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
+
+ALL_EXPERIMENTS = "*"
+
+
+def _model_config_summary(cfg: Any) -> Any:
+    """A JSON-safe description of a model config (only JSON-friendly fields are kept)."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        raw = cfg
+    elif callable(getattr(cfg, "to_dict", None)):
+        raw = cfg.to_dict()
+    elif dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        raw = dataclasses.asdict(cfg)
+    else:
+        raw = {k: v for k, v in vars(cfg).items() if not k.startswith("_")} if hasattr(cfg, "__dict__") else str(cfg)
+    if not isinstance(raw, dict):
+        return str(raw)
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[str(k)] = normalise(v)
+        except MetadataError:
+            continue  # model configs may hold objects (dtypes, callables); their JSON fields are enough
+    return out
+
+
+class ActivationSaver:
+    """Saves activations with metadata under ``base_dir/<experiment>`` (local path or fsspec URL)."""
+
+    def __init__(self, base_dir: Union[Path, str], experiment_name: str = "default",
+                 storage_options: Optional[dict] = None, max_shard_bytes: Optional[int] = None) -> None:
+        store = resolve(base_dir, storage_options)
+        self._init(store, experiment_name, max_shard_bytes)
+
+    def _init(self, store: Store, experiment_name: str, max_shard_bytes: Optional[int]) -> None:
+        self.experiment_name = layout.check_experiment(experiment_name)
+        self.store = store
+        kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        self.writer = RunWriter(store, **kw)
+        self.base_dir = store.url(store.root)
+
+    @classmethod
+    def from_env(cls, experiment_name: str = "default", storage_options: Optional[dict] = None) -> "ActivationSaver":
+        """A saver on ``$ACTIVATION_BASE_DIR`` (S3 endpoint/credentials from options or AWS env vars)."""
+        self = cls.__new__(cls)
+        self._init(resolve_from_env(storage_options), experiment_name, None)
+        return self
+
+    def save(self, activations: Any, model: Any, target_token_positions: Any, interventions: Any,
+             extraction_config: Any, other_metadata: Optional[dict] = None, tag: Optional[str] = None,
+             pivot_positions: Any = None) -> str:
+        """Save one run; return its location. Metadata is checked before anything is written."""
+        model_name = model if isinstance(model, str) or model is None else getattr(model, "model_name", None)
+        model_config = None if isinstance(model, str) or model is None else getattr(model, "model_config", None)
+        meta = {
+            "model_name": model_name,
+            "target_token_positions": normalise(target_token_positions, "target_token_positions"),
+            "pivot_positions": normalise(pivot_positions, "pivot_positions"),
+            "interventions": normalise(list(interventions or []), "interventions"),
+            "extraction_config": normalise(extraction_config, "extraction_config"),
+            "other_metadata": normalise(dict(other_metadata or {}), "other_metadata"),
+            "tag": layout.check_tag(tag),
+            "model_config": _model_config_summary(model_config),
+        }
+        return self._save_one(activations, model_name, meta)
+
+    def save_cache(self, cache: ActivationCache, other_metadata: Optional[dict] = None,
+                   tag: Optional[str] = None) -> str:
+        """Save a cache whose ``cache["metadata"]`` holds model name, positions, config and interventions."""
+        info = cache.get("metadata") if isinstance(cache, ActivationCache) else None
+        info = info if isinstance(info, dict) else {}
+        meta = {
+            "model_name": info.get("model_name"),
+            "target_token_positions": normalise(info.get("target_token_positions"), "target_token_positions"),
+            "pivot_positions": normalise(info.get("pivot_positions"), "pivot_positions"),
+            "interventions": normalise(list(info.get("interventions") or []), "interventions"),
+            "extraction_config": normalise(info.get("extraction_config"), "extraction_config"),
+            "other_metadata": normalise(dict(other_metadata or {}), "other_metadata"),
+            "tag": layout.check_tag(tag),
+            "model_config": None,
+        }
+        return self._save_one(cache, info.get("model_name"), meta)
+
+    def _save_one(self, activations: Any, model_name: Any, meta: dict[str, Any]) -> str:
+        layout.model_slug(model_name)
+        flat = as_flat(activations)  # refuses non-JSON info before any write
+        run = self.writer.begin_run(self.experiment_name, model_name, meta)
+        record = self.writer.write_part(run, 0, flat)
+        self.writer.commit_part(run, record)
+        return self.writer.commit_run(run, [record])
+
+    def rename_experiment(self, new_experiment_name: str) -> None:
+        """Move every committed run of this experiment to ``new_experiment_name`` and switch to it."""
+        layout.check_experiment(new_experiment_name)
+        for entry in self.writer.catalog.entries(self.experiment_name):
+            move_run(self.store, self.writer.catalog, entry, new_experiment_name)
+        self.experiment_name = new_experiment_name
+
+
+class QueryResult:
+    """Runs matching a query, oldest first (index -1 is the most recent)."""
+
+    def __init__(self, store: Store, catalog: Catalog, results: list[dict[str, Any]]) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.results = results
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.results)
+
+    def __getitem__(self, item: Union[int, slice]) -> Any:
+        if isinstance(item, slice):
+            return QueryResult(self.store, self.catalog, self.results[item])
+        return self.results[item]
+
+    def __repr__(self) -> str:
+        if not self.results:
+            return "QueryResult(0 runs)"
+        cols = ("#", "save_time", "run_id", "experiment", "model", "tag", "parts", "keys")
+        rows = [(str(i), e.get("save_time", ""), e["run_id"], e["experiment_name"], str(e.get("model_name")),
+                 str(e.get("tag")), str(e.get("n_parts", "")), str(e.get("n_keys", "")))
+                for i, e in enumerate(self.results)]
+        widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        return "\n".join([f"QueryResult({len(rows)} runs)", fmt.format(*cols), *(fmt.format(*r) for r in rows)])
+
+    __str__ = __repr__
+
+    def get_paths(self) -> list[str]:
+        """Location of every run."""
+        return [self.store.url(run_dir(self.store, e)) for e in self.results]
+
+    def _entry(self, which: Union[int, str]) -> dict[str, Any]:
+        if isinstance(which, int):
+            try:
+                return self.results[which]
+            except IndexError:
+                raise StorageError(f"run index {which} is out of range ({len(self.results)} runs).") from None
+        found = [e for e in self.results if which in (e["run_id"], e.get("save_time"))]
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise StorageError(f"no run with id or save time {which!r} in this result.")
+        raise StorageError(f"{which!r} matches {len(found)} runs {[e['run_id'] for e in found]}; pass a run id.")
+
+    def load(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> tuple[ActivationCache, dict]:
+        """Load a run (by index, save time or run id) as ``(ActivationCache, metadata)``; ``keys`` limits tensors."""
+        return load_run(self.store, self._entry(which), keys)
+
+    def iter_parts(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> Iterator[ActivationCache]:
+        """Yield the run's parts one ActivationCache at a time, in order."""
+        return iter_parts(self.store, self._entry(which), keys)
+
+    def remove(self, which: Union[int, str] = -1) -> None:
+        """Delete a run from storage (and from this result)."""
+        entry = self._entry(which)
+        remove_run(self.store, self.catalog, entry)
+        self.results = [e for e in self.results if e is not entry]
+
+    def update_run_experiment(self, which: Union[int, str], new_experiment_name: str) -> None:
+        """Move a run to another experiment."""
+        entry = self._entry(which)
+        fresh = move_run(self.store, self.catalog, entry, new_experiment_name)
+        self.results = [fresh if e is entry else e for e in self.results]
+
+
+class ActivationLoader:
+    """Queries runs saved by :class:`ActivationSaver` through the catalog."""
+
+    def __init__(self, base_dir: Union[Path, str], experiment_name: str = "default",
+                 storage_options: Optional[dict] = None) -> None:
+        self._init(resolve(base_dir, storage_options), experiment_name)
+
+    def _init(self, store: Store, experiment_name: str) -> None:
+        self.experiment_name = layout.check_experiment(experiment_name)
+        self.store = store
+        self.catalog = Catalog(store)
+        self.base_dir = store.url(store.root)
+
+    @classmethod
+    def from_env(cls, experiment_name: str = "default", storage_options: Optional[dict] = None) -> "ActivationLoader":
+        self = cls.__new__(cls)
+        self._init(resolve_from_env(storage_options), experiment_name)
+        return self
+
+    @classmethod
+    def from_saver(cls, saver: ActivationSaver) -> "ActivationLoader":
+        self = cls.__new__(cls)
+        self._init(saver.store, saver.experiment_name)
+        return self
+
+    def query(self, experiment_name: Optional[str] = None, model_name: Optional[str] = None,
+              target_token_positions: Any = None, pivot_positions: Any = None, save_time: Optional[str] = None,
+              custom_keys: Optional[dict] = None, extraction_config: Any = None, interventions: Any = None,
+              tag: Optional[str] = None) -> QueryResult:
+        """Runs matching every given criterion (``None`` = any). ``experiment_name="*"`` searches all experiments."""
+        crit = build_criteria(model_name=model_name, target_token_positions=target_token_positions,
+                              pivot_positions=pivot_positions, save_time=save_time, custom_keys=custom_keys,
+                              extraction_config=extraction_config, interventions=interventions, tag=tag)
+        exp = experiment_name or self.experiment_name
+        entries = self.catalog.entries(None if exp == ALL_EXPERIMENTS else exp)
+        return QueryResult(self.store, self.catalog, [e for e in entries if matches(e, crit)])
+
+    def rebuild_catalog(self) -> int:
+        """Rebuild the catalog from the run markers in storage; returns the number of runs found."""
+        return self.catalog.rebuild()
+
+
+__all__ = ["ActivationSaver", "ActivationLoader", "QueryResult", "jsonable"]

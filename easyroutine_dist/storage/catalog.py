@@ -1,0 +1,151 @@
+"""The catalog: derived, rebuildable index of committed runs that lets queries skip reading every run.
+
+* One small JSON entry per committed run at ``_catalog/<experiment>/<run_id>.json``, written right after the run
+  marker. Entries are immutable and named by run id, so concurrent writers never read-modify-write a shared file
+  and cannot lose each other's runs.
+* The listing of ``_catalog/<experiment>/`` is authoritative. Entry contents are cached in memory and in a
+  compacted snapshot ``_catalog/_snapshots/<experiment>.json``; the snapshot is only a cache of contents (a stale or
+  missing one costs time, never correctness).
+* ``rebuild()`` rescans every run marker and rewrites the entries: the catalog is always derivable from the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from ..errors import StorageError
+from . import layout
+from .fs import Store, list_names, read_bytes, remove, write_bytes
+
+#: entries read one by one in a refresh beyond which a new snapshot is written
+COMPACT_AFTER = 64
+
+
+class Catalog:
+    """Index of committed runs of one storage root. Thread-safe; a Ray actor can wrap one instance."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._cache: dict[str, dict[str, dict[str, Any]]] = {}  # experiment -> {file name: entry}
+        self._snap_loaded: set[str] = set()
+
+    # ------------------------------------------------------------------ paths
+    def _dir(self, experiment: str) -> str:
+        return self.store.path(layout.CATALOG_DIR, experiment)
+
+    def _snapshot_path(self, experiment: str) -> str:
+        return self.store.path(layout.CATALOG_DIR, layout.SNAPSHOT_DIR, f"{experiment}.json")
+
+    # ------------------------------------------------------------------ API
+    def experiments(self) -> list[str]:
+        """Experiments that have catalog entries."""
+        names = list_names(self.store, self.store.path(layout.CATALOG_DIR))
+        return sorted(n for n in names if not n.startswith("_") and not n.startswith("."))
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Register a committed run (idempotent: the entry is named by its run id)."""
+        exp = layout.check_experiment(entry["experiment_name"])
+        run_id = layout.check_run_id(entry["run_id"])
+        write_bytes(self.store, self.store.path(layout.CATALOG_DIR, exp, f"{run_id}.json"),
+                    json.dumps(entry, sort_keys=True).encode())
+        with self._lock:
+            self._cache.setdefault(exp, {})[f"{run_id}.json"] = entry
+
+    def discard(self, experiment: str, run_id: str) -> None:
+        """Drop a run's entry (used when a run is removed or moved)."""
+        remove(self.store, self.store.path(layout.CATALOG_DIR, experiment, f"{run_id}.json"))
+        with self._lock:
+            self._cache.get(experiment, {}).pop(f"{run_id}.json", None)
+
+    def entries(self, experiment: str | None = None) -> list[dict[str, Any]]:
+        """Entries of one experiment (or all), sorted oldest first. Reads only entries not seen before."""
+        exps = [layout.check_experiment(experiment)] if experiment is not None else self.experiments()
+        out: list[dict[str, Any]] = []
+        for exp in exps:
+            out.extend(self._refresh(exp))
+        out.sort(key=lambda e: (e.get("saved_at_unix", 0.0), e["run_id"]))
+        return out
+
+    def rebuild(self) -> int:
+        """Rescan every run marker in storage and rewrite the catalog from them; returns the number of runs."""
+        from .runs import read_marker  # local import: runs imports catalog
+
+        pattern = self.store.path("*", "*", "*", layout.RUN_MARKER)
+        try:
+            markers = sorted(self.store.fs.glob(pattern))
+        except OSError as exc:
+            raise StorageError(f"cannot scan {self.store.url(self.store.root)}: {exc}") from exc
+        found: dict[str, set[str]] = {}
+        for m in markers:
+            rel = m[len(self.store.root.rstrip("/")) + 1:] if m.startswith(self.store.root.rstrip("/")) else m
+            if rel.startswith("_"):
+                continue
+            manifest = read_marker(self.store, m.rsplit("/", 1)[0])
+            entry = entry_from_metadata(manifest["metadata"], manifest)
+            self.add(entry)
+            found.setdefault(entry["experiment_name"], set()).add(f"{entry['run_id']}.json")
+        for exp in self.experiments():
+            for name in list_names(self.store, self._dir(exp)):
+                if name.endswith(".json") and name not in found.get(exp, set()):
+                    remove(self.store, self.store.path(layout.CATALOG_DIR, exp, name))
+        remove(self.store, self.store.path(layout.CATALOG_DIR, layout.SNAPSHOT_DIR), recursive=True)
+        with self._lock:
+            self._cache.clear()
+            self._snap_loaded.clear()
+        return len(markers)
+
+    # ------------------------------------------------------------------ internals
+    def _refresh(self, exp: str) -> list[dict[str, Any]]:
+        names = [n for n in list_names(self.store, self._dir(exp)) if n.endswith(".json") and ".tmp-" not in n]
+        with self._lock:
+            cache = self._cache.setdefault(exp, {})
+            missing = [n for n in names if n not in cache]
+            if missing and exp not in self._snap_loaded:
+                self._snap_loaded.add(exp)
+                for name, entry in self._read_snapshot(exp).items():
+                    cache.setdefault(name, entry)
+                missing = [n for n in names if n not in cache]
+        fresh: dict[str, dict[str, Any]] = {}
+        for name in missing:
+            try:
+                fresh[name] = json.loads(read_bytes(self.store, self.store.path(layout.CATALOG_DIR, exp, name)))
+            except StorageError:
+                continue  # removed between listing and reading
+            except ValueError:
+                continue  # an entry is always written whole; a foreign unreadable file is not a run
+        with self._lock:
+            cache.update(fresh)
+            listed = set(names)
+            for gone in [n for n in cache if n not in listed]:
+                del cache[gone]
+            current = [cache[n] for n in names if n in cache]
+            snapshot = dict(cache) if len(fresh) >= COMPACT_AFTER else None
+        if snapshot is not None:
+            self._write_snapshot(exp, snapshot)
+        return current
+
+    def _read_snapshot(self, exp: str) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(read_bytes(self.store, self._snapshot_path(exp)))
+            return dict(data.get("entries", {}))
+        except (StorageError, ValueError, AttributeError):
+            return {}  # no snapshot (or a damaged one): entries are read individually
+
+    def _write_snapshot(self, exp: str, entries: dict[str, dict[str, Any]]) -> None:
+        try:
+            write_bytes(self.store, self._snapshot_path(exp), json.dumps({"entries": entries}).encode())
+        except StorageError:
+            pass  # the snapshot is a cache; failing to write it costs speed only
+
+
+def entry_from_metadata(metadata: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The catalog entry of a run: its query-relevant metadata plus where it lives."""
+    skip = {"model_config"}
+    entry = {k: v for k, v in metadata.items() if k not in skip}
+    if manifest is not None:
+        entry["n_parts"] = len(manifest.get("records", []))
+        entry["n_keys"] = len({k for r in manifest.get("records", []) for k in r.get("keys", [])})
+    return entry

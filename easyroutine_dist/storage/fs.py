@@ -1,0 +1,185 @@
+"""fsspec plumbing: resolve a base directory or URL, atomic writes and exclusive creates.
+
+Credentials given in ``storage_options`` are handed to fsspec and kept in memory only; nothing in this
+package ever writes them to storage.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from ..errors import StorageError
+
+_MEMORY_LOCK = threading.Lock()  # memory:// is one process; a lock makes its exclusive create exact
+
+
+@dataclass
+class Store:
+    """A resolved storage root: the fsspec filesystem and the root path inside it."""
+
+    fs: Any
+    root: str
+    protocol: str
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_local(self) -> bool:
+        return self.protocol in ("file", "local")
+
+    def path(self, *parts: str) -> str:
+        """Join ``parts`` under the root with '/'."""
+        return "/".join([self.root.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    def url(self, path: str) -> str:
+        """A user-facing location for ``path`` (plain path for local disk, ``proto://`` otherwise)."""
+        if self.is_local:
+            return path
+        return f"{self.protocol}://{path.lstrip('/')}" if self.protocol != "memory" else f"memory://{path}"
+
+
+def _protocol_of(fs: Any) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else str(proto)
+
+
+def resolve(base_dir: str | Path, storage_options: dict[str, Any] | None = None) -> Store:
+    """Resolve a local path or fsspec URL (``file://``, ``s3://``, ``memory://``) to a :class:`Store`.
+
+    For ``s3://`` the endpoint comes from ``storage_options`` or ``AWS_ENDPOINT_URL``; credentials from
+    ``storage_options`` (key/secret/token) or the standard AWS environment variables.
+    """
+    opts = dict(storage_options or {})
+    url = str(base_dir)
+    if url.startswith("s3://") or url.startswith("s3a://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        ck = dict(opts.get("client_kwargs") or {})
+        if endpoint and "endpoint_url" not in opts and "endpoint_url" not in ck:
+            ck["endpoint_url"] = endpoint
+        if ck:
+            opts["client_kwargs"] = ck
+        opts.setdefault("skip_instance_cache", True)
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **opts)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise StorageError(f"cannot open storage at {url!r}: {exc}") from exc
+    proto = _protocol_of(fs)
+    if proto in ("file", "local"):
+        root = os.path.abspath(root)
+    return Store(fs=fs, root=root.rstrip("/") or "/", protocol=proto, storage_options=opts)
+
+
+def resolve_from_env(storage_options: dict[str, Any] | None = None) -> Store:
+    """Resolve ``ACTIVATION_BASE_DIR``; raises StorageError when it is unset."""
+    base = os.environ.get("ACTIVATION_BASE_DIR")
+    if not base:
+        raise StorageError("ACTIVATION_BASE_DIR is not set; export it (a local path or an s3:// URL) or pass base_dir.")
+    return resolve(base, storage_options)
+
+
+def write_bytes(store: Store, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing/the old object or the whole new one."""
+    try:
+        if store.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            store.fs.pipe_file(path, data)  # object stores / memory: the object appears whole
+    except OSError as exc:
+        raise StorageError(f"cannot write {store.url(path)}: {exc}") from exc
+
+
+def create_exclusive(store: Store, path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` only if it does not exist; True when this call created it."""
+    try:
+        if store.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)  # atomic and exclusive: whole content or FileExistsError
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if store.protocol == "memory":
+            with _MEMORY_LOCK:
+                if store.fs.exists(path):
+                    return False
+                store.fs.pipe_file(path, data)
+                return True
+        if store.protocol in ("s3", "s3a"):
+            try:
+                with store.fs.open(path, "xb") as f:  # PutObject with If-None-Match: *
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+        # other backends: best effort (documented in docs/storage_format.md)
+        if store.fs.exists(path):
+            return False
+        store.fs.pipe_file(path, data)
+        return True
+    except OSError as exc:
+        raise StorageError(f"cannot create {store.url(path)}: {exc}") from exc
+
+
+def read_bytes(store: Store, path: str, start: int | None = None, end: int | None = None) -> bytes:
+    """Read a whole object or the byte range ``[start, end)``; missing objects raise StorageError."""
+    try:
+        if start is None and end is None:
+            return store.fs.cat_file(path)
+        return store.fs.cat_file(path, start=start, end=end)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{store.url(path)} does not exist (removed, or never committed).") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {store.url(path)}: {exc}") from exc
+
+
+def exists(store: Store, path: str) -> bool:
+    try:
+        return bool(store.fs.exists(path))
+    except OSError as exc:
+        raise StorageError(f"cannot reach {store.url(path)}: {exc}") from exc
+
+
+def list_names(store: Store, path: str) -> list[str]:
+    """Base names directly under ``path`` (empty when it does not exist). Fast path for local disk."""
+    try:
+        if store.is_local:
+            return os.listdir(path) if os.path.isdir(path) else []
+        if not store.fs.exists(path):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False, refresh=True)]
+    except FileNotFoundError:
+        return []
+    except TypeError:  # backends whose ls takes no refresh flag
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)]
+    except OSError as exc:
+        raise StorageError(f"cannot list {store.url(path)}: {exc}") from exc
+
+
+def remove(store: Store, path: str, recursive: bool = False) -> None:
+    """Delete ``path``; a missing path is not an error."""
+    try:
+        if store.fs.exists(path):
+            store.fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(f"cannot remove {store.url(path)}: {exc}") from exc

@@ -1,0 +1,114 @@
+"""Normalised values and query matching.
+
+Everything is compared in its JSON form: tuples become lists, ExtractionConfig and Intervention become their
+``to_dict()``, dict keys become strings. A query value therefore matches what was saved whatever Python type was
+used on either side (a tuple matches what was saved as a tuple; an ExtractionConfig matches its dict form).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from ..errors import MetadataError
+
+
+def jsonable(value: Any, what: str = "value") -> Any:
+    """Convert ``value`` to plain JSON types, or raise MetadataError naming ``what``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MetadataError(f"{what} contains the non-finite float {value!r}; JSON cannot store it.")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                raise MetadataError(f"{what} has a key {k!r} of type {type(k).__name__}; use strings.")
+            out[k if isinstance(k, str) else json.dumps(k)] = jsonable(v, f"{what}[{k!r}]")
+        return out
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return jsonable(to_dict(), what)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value), what)
+    raise MetadataError(
+        f"{what} is a {type(value).__name__}, which is not JSON-serialisable; store plain numbers, strings, "
+        "lists and dicts (tensors belong in the activations)."
+    )
+
+
+def normalise(value: Any, what: str = "value") -> Any:
+    """The canonical JSON form of ``value`` (round-tripped through ``json``)."""
+    return json.loads(json.dumps(jsonable(value, what), allow_nan=False))
+
+
+def _config_criterion(config: Any) -> dict[str, Any]:
+    """The fields an extraction_config query constrains: a dict constrains its keys; a config its non-defaults."""
+    if isinstance(config, dict):
+        return normalise(config, "extraction_config")
+    full = normalise(config, "extraction_config")
+    try:
+        default = normalise(type(config)(), "extraction_config")
+    except TypeError:
+        return full
+    return {k: v for k, v in full.items() if default.get(k) != v}
+
+
+def build_criteria(
+    *,
+    model_name: str | None = None,
+    target_token_positions: Any = None,
+    pivot_positions: Any = None,
+    save_time: str | None = None,
+    custom_keys: dict[str, Any] | None = None,
+    extraction_config: Any = None,
+    interventions: Any = None,
+    tag: str | None = None,
+) -> dict[str, Any]:
+    """Normalise query arguments once; ``None`` means "any"."""
+    crit: dict[str, Any] = {}
+    if model_name is not None:
+        crit["model_name"] = model_name
+    if target_token_positions is not None:
+        crit["target_token_positions"] = normalise(target_token_positions, "target_token_positions")
+    if pivot_positions is not None:
+        crit["pivot_positions"] = normalise(pivot_positions, "pivot_positions")
+    if save_time is not None:
+        crit["save_time"] = str(save_time)
+    if custom_keys is not None:
+        crit["custom_keys"] = normalise(custom_keys, "custom_keys")
+    if extraction_config is not None:
+        crit["extraction_config"] = _config_criterion(extraction_config)
+    if interventions is not None:
+        crit["interventions"] = normalise(interventions, "interventions")
+    if tag is not None:
+        crit["tag"] = tag
+    return crit
+
+
+def matches(entry: dict[str, Any], crit: dict[str, Any]) -> bool:
+    """Whether a catalog entry satisfies normalised criteria from :func:`build_criteria`."""
+    for key, want in crit.items():
+        if key == "save_time":
+            if not (str(entry.get("save_time", "")).startswith(want) or str(entry.get("run_id", "")).startswith(want)):
+                return False
+        elif key == "custom_keys":
+            custom = entry.get("other_metadata") or {}
+            if any(k not in custom or custom[k] != v for k, v in want.items()):
+                return False
+        elif key == "extraction_config":
+            have = entry.get("extraction_config") or {}
+            if any(have.get(k) != v for k, v in want.items()):
+                return False
+        elif key == "interventions":
+            if (entry.get("interventions") or []) != (want or []):
+                return False
+        elif entry.get(key) != want:
+            return False
+    return True
