@@ -1,0 +1,212 @@
+"""Turn an ExtractionConfig into hooks, run them, and post-process what they captured.
+
+Every hook gathers the target positions first (``[batch, seq, d] -> [batch, P, d]``), so the cost of extraction
+is proportional to what is asked for, not to the sequence length.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from accelerate.utils import align_module_device
+
+from .architectures import ArchSpec, ModelShape
+from .config import ExtractionConfig
+from .errors import ConfigError
+from .sites import Site, pick, resolve, take_cols
+
+_PER_LAYER = {
+    "extract_resid_in": "resid_in_{i}", "extract_resid_mid": "resid_mid_{i}", "extract_resid_out": "resid_out_{i}",
+    "extract_resid_in_post_layernorm": "resid_in_post_layernorm_{i}", "extract_attn_in": "attn_in_{i}",
+    "extract_attn_out": "attn_out_{i}", "extract_mlp_out": "mlp_out_{i}", "extract_values": "values_L{i}",
+    "extract_keys": "keys_L{i}", "extract_queries": "queries_L{i}",
+}
+_PER_HEAD = {
+    "extract_head_values": "head_values_L{i}H{h}", "extract_head_keys": "head_keys_L{i}H{h}",
+    "extract_head_queries": "head_queries_L{i}H{h}", "extract_head_out": "head_out_L{i}H{h}",
+    "extract_head_values_projected": "projected_value_L{i}H{h}",
+    "extract_head_keys_projected": "projected_key_L{i}H{h}",
+    "extract_head_queries_projected": "projected_query_L{i}H{h}", "extract_attn_pattern": "pattern_L{i}H{h}",
+}
+
+
+def requested_keys(cfg: ExtractionConfig, shape: ModelShape) -> list[str]:
+    """Every activation key ``cfg`` asks for, in a stable order."""
+    L, H = shape.num_hidden_layers, shape.num_attention_heads
+    keys: list[str] = []
+    if cfg.extract_embed:
+        keys.append("input_embeddings")
+    if cfg.attn_heads == "all":
+        heads = [(i, h) for i in range(L) for h in range(H)]
+    else:
+        heads = [(int(d["layer"]), int(d["head"])) for d in cfg.attn_heads]
+    for i in range(L):
+        keys += [tpl.format(i=i) for flag, tpl in _PER_LAYER.items() if getattr(cfg, flag)]
+    for flag, tpl in _PER_HEAD.items():
+        if getattr(cfg, flag):
+            keys += [tpl.format(i=i, h=h) for i, h in heads]
+    if cfg.extract_last_layernorm:
+        keys.append("last_layernorm")
+    return keys
+
+
+@dataclass
+class Gathered:
+    """Positions of one forward: ``index``/``valid`` are ``[batch, P]``; rows/cols index patterns."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    row_index: torch.Tensor
+    row_valid: torch.Tensor
+
+    def take(self, t: torch.Tensor, rows: bool = False) -> torch.Tensor:
+        """``[batch, seq, ...] -> [batch, P, ...]`` at the target positions; invalid slots are zero."""
+        index = (self.row_index if rows else self.index).to(t.device)
+        valid = (self.row_valid if rows else self.valid).to(t.device)
+        out = t[torch.arange(t.shape[0], device=t.device)[:, None], index]
+        if not bool(valid.all()):
+            out = out * valid.reshape(*valid.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+        return out
+
+    def take_pattern(self, w: torch.Tensor) -> torch.Tensor:
+        """``[batch, heads, q, k] -> [batch, heads, P_rows, P]`` (rows: row positions, columns: target positions)."""
+        b, n_heads = w.shape[:2]
+        rows = self.row_index.to(w.device)[:, None, :, None].expand(b, n_heads, -1, w.shape[-1])
+        w = w.gather(2, rows)
+        cols = self.index.to(w.device)[:, None, None, :].expand(b, n_heads, w.shape[2], -1)
+        w = w.gather(3, cols)
+        mask = self.row_valid.to(w.device)[:, None, :, None] & self.valid.to(w.device)[:, None, None, :]
+        return w * mask.to(w.dtype)
+
+
+def _o_proj_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
+    """W_o as ``[d_model, n_heads * head_dim]`` (GPT-2's Conv1D stores the transpose)."""
+    w = module.weight
+    return w.t() if conv1d else w
+
+
+class Extractor:
+    """Registers the hooks for one forward and collects ``{key: tensor}`` into ``self.out``."""
+
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, shape: ModelShape, keys: list[str],
+                 gathered: Gathered, detach: bool, move_to_cpu: bool) -> None:
+        self.model, self.spec, self.shape = model, spec, shape
+        self.gathered, self.detach, self.move_to_cpu = gathered, detach, move_to_cpu
+        self.out: dict[str, torch.Tensor] = {}
+        self.sites: dict[tuple[str, str], list[tuple[str, Site]]] = defaultdict(list)
+        for key in keys:
+            site = resolve(key, spec, shape)
+            self.sites[(site.module, site.when)].append((key, site))
+
+    def _store(self, key: str, value: torch.Tensor) -> None:
+        if self.detach:
+            value = value.detach()
+        if self.move_to_cpu:
+            value = value.to("cpu")
+        self.out[key] = value
+
+    def _handle(self, module: torch.nn.Module, items: list[tuple[str, Site]], args: tuple, kwargs: dict,
+                output: Any) -> None:
+        gathered_cache: dict[str, torch.Tensor] = {}
+        for key, site in items:
+            if site.arg == "weights":
+                w = pick(args, kwargs, output, "weights")
+                if "w" not in gathered_cache:
+                    gathered_cache["w"] = self.gathered.take_pattern(w)
+                self._store(key, gathered_cache["w"][:, site.head])
+                continue
+            if "t" not in gathered_cache:
+                gathered_cache["t"] = self.gathered.take(pick(args, kwargs, output, site.arg))
+            value = take_cols(gathered_cache["t"], site.cols)
+            if site.kind == "head_out" or site.kind.startswith("projected_"):
+                value = self._through_o_proj(value, site)
+            self._store(key, value)
+
+    def _through_o_proj(self, x: torch.Tensor, site: Site) -> torch.Tensor:
+        """Head h's ``[b, P, head_dim]`` times its slice of W_o: ``[b, P, d_model]`` (no bias)."""
+        hd = self.shape.head_dim
+        o_proj = self.model.get_submodule(f"{self.spec.layers}.{site.layer}.{self.spec.o_proj}")
+        # offloaded modules keep their weights on `meta` outside their own forward
+        with align_module_device(o_proj, x.device):
+            w = _o_proj_weight(o_proj, self.spec.conv1d)[:, site.head * hd:(site.head + 1) * hd]
+            return x.to(w.dtype) @ w.t()
+
+    def register(self, stack: ExitStack) -> None:
+        """Register every hook; ``stack`` removes them on any exit path."""
+        for (path, when), items in self.sites.items():
+            module = self.model.get_submodule(path)
+
+            def hook(mod, args, kwargs, output=None, _items=items):  # noqa: ANN001
+                self._handle(mod, _items, args, kwargs, output)
+
+            if when == "pre":
+                handle = module.register_forward_pre_hook(
+                    lambda mod, args, kwargs, _h=hook: _h(mod, args, kwargs), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(hook, with_kwargs=True)
+            stack.callback(handle.remove)
+
+
+def reduce_positions(out: dict[str, Any], cfg: ExtractionConfig, mapping: dict[str, list[int]],
+                     valid: torch.Tensor) -> dict[str, list[int]]:
+    """Apply ``avg`` (mean over each position group: P -> n_groups) and ``avg_over_example`` (batch -> 1)."""
+    if cfg.avg:
+        for key, v in out.items():
+            if not isinstance(v, torch.Tensor) or key.startswith("pattern_"):
+                continue
+            parts = []
+            for slots in mapping.values():
+                m = valid[:, slots].to(v.device, v.dtype).reshape(v.shape[0], len(slots), *([1] * (v.dim() - 2)))
+                parts.append((v[:, slots] * m).sum(1) / m.sum(1).clamp(min=1))
+            out[key] = torch.stack(parts, dim=1)
+        mapping = {spec: [g] for g, spec in enumerate(mapping)}
+    if cfg.avg_over_example:
+        for key, v in out.items():
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                out[key] = v.float().mean(0, keepdim=True).to(v.dtype) if v.is_floating_point() else v[:1]
+    return mapping
+
+
+def reduce_patterns(out: dict[str, Any], cfg: ExtractionConfig, row_groups: dict[str, list[int]],
+                    col_groups: dict[str, list[int]], row_abs: torch.Tensor) -> None:
+    """``attn_pattern_avg``: reduce each pattern ``[b, P_rows, P]`` over (row group, column group) blocks.
+
+    "mean"/"sum" give ``[b, G_rows, G_cols]``; "baseline_ratio" divides the block mean by the mean a uniform causal
+    attention (``1 / (q + 1)`` at real-token position q) would give in the same block.
+    """
+    if cfg.attn_pattern_avg == "none":
+        return
+    for key in [k for k in out if k.startswith("pattern_")]:
+        w = out[key]
+        blocks = []
+        for rs in row_groups.values():
+            row = []
+            for cs in col_groups.values():
+                block = w[:, rs][:, :, cs]
+                if cfg.attn_pattern_avg == "sum":
+                    row.append(block.sum((1, 2)))
+                    continue
+                mean = block.mean((1, 2))
+                if cfg.attn_pattern_avg == "baseline_ratio":
+                    base = (1.0 / (row_abs[:, rs].to(w.device, w.dtype) + 1)).mean(1)
+                    mean = mean / base
+                row.append(mean)
+            blocks.append(torch.stack(row, dim=1))
+        out[key] = torch.stack(blocks, dim=1)
+
+
+def check_config(cfg: ExtractionConfig, spec: ArchSpec, shape: ModelShape) -> list[str]:
+    """Resolve every requested key once (raises ConfigError on the first bad one) and return them."""
+    if not isinstance(cfg, ExtractionConfig):
+        raise ConfigError(f"extraction_config must be an ExtractionConfig, got {type(cfg).__name__}.")
+    keys = requested_keys(cfg, shape)
+    for key in keys:
+        resolve(key, spec, shape)
+    return keys
+
+
+PostHook = Callable[[dict[str, Any]], None]

@@ -1,0 +1,259 @@
+"""HookedModel: an HF causal LM plus hooks that extract (and change) activations, padding-aware and batched."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .architectures import ArchSpec, ModelShape, spec_for
+from .cache import ActivationCache
+from .config import ExtractionConfig
+from .errors import ConfigError
+from .extraction import Extractor, Gathered, check_config, reduce_patterns, reduce_positions
+from .intervention_spec import Intervention
+from .positions import resolve_positions, spec_key, validate_specs
+
+
+class HookedModel:
+    """A HuggingFace causal LM that returns ActivationCaches.
+
+    Attributes: ``hf_model``, ``hf_tokenizer``, ``model_name``, ``model_config`` (a ModelShape with
+    ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``hidden_size``, ``head_dim``).
+    """
+
+    def __init__(self, hf_model: torch.nn.Module, hf_tokenizer: Any = None, model_name: str | None = None) -> None:
+        self.spec: ArchSpec = spec_for(hf_model.config)
+        self.hf_model = hf_model.eval()
+        self.hf_tokenizer = hf_tokenizer
+        self.model_name = model_name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
+        self.model_config = ModelShape.from_config(hf_model.config)
+        self._persistent: list[Intervention] = []
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device_map: Any = None, dtype: Any = None,
+                        attn_implementation: str | None = None, **hf_kwargs: Any) -> "HookedModel":
+        """Load a supported causal LM from a local folder or hub id; extra kwargs (e.g. ``gguf_file``,
+        ``max_memory``, ``offload_folder``) pass through to transformers. The architecture is checked from the
+        config before any weight is loaded."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in hf_kwargs.items()
+                                                             if k in ("gguf_file", "revision", "trust_remote_code")})
+        spec_for(config)
+        kwargs = dict(hf_kwargs)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if dtype is not None:
+            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        tok_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(model, tokenizer, model_name=str(name_or_path))
+
+    # ------------------------------------------------------------------ easyroutine accessors
+    def get_tokenizer(self) -> Any:
+        return self.hf_tokenizer
+
+    def get_lm_head(self) -> torch.nn.Module:
+        return self.hf_model.get_submodule(self.spec.unembed)
+
+    def get_last_layernorm(self) -> torch.nn.Module:
+        return self.hf_model.get_submodule(self.spec.final_norm)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embedding (CPU when it is offloaded)."""
+        device_map = getattr(self.hf_model, "hf_device_map", None)
+        if device_map:
+            for path, dev in device_map.items():
+                if self.spec.embed.startswith(path) or path == "":
+                    return torch.device("cpu" if dev in ("cpu", "disk") else dev if isinstance(dev, str) else f"cuda:{dev}")
+        return self.hf_model.get_input_embeddings().weight.device
+
+    # ------------------------------------------------------------------ interventions
+    def register_interventions(self, interventions: list[Intervention]) -> None:
+        """Apply ``interventions`` to every later forward until ``clean_interventions``."""
+        from .interventions import validate_interventions
+
+        validate_interventions(interventions, self)
+        self._persistent.extend(interventions)
+
+    def clean_interventions(self) -> None:
+        self._persistent = []
+
+    # ------------------------------------------------------------------ forward
+    def _prepare(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"input_ids": inputs}
+        if not hasattr(inputs, "get") or inputs.get("input_ids") is None:
+            raise ConfigError("inputs must be a dict (or BatchEncoding) with 'input_ids' [batch, seq], "
+                              "e.g. tokenizer(texts, return_tensors='pt', padding=True).")
+        ids = torch.as_tensor(inputs["input_ids"])
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.numel() == 0:
+            raise ConfigError("inputs['input_ids'] is empty; pass at least one prompt of at least one token.")
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            pad = getattr(self.hf_tokenizer, "pad_token_id", None)
+            eos = getattr(self.hf_tokenizer, "eos_token_id", None)
+            if ids.shape[0] > 1 and pad is not None and pad != eos and bool((ids == pad).any()):
+                raise ConfigError(
+                    f"inputs contain the pad token id {pad} but no 'attention_mask'; pass the mask the tokenizer "
+                    "returns (tokenizer(..., padding=True, return_tensors='pt')) so padding is not read as text.")
+            mask = torch.ones_like(ids)
+        mask = torch.as_tensor(mask).reshape(ids.shape).long()
+        return ids, mask
+
+    @contextmanager
+    def _attention(self, eager: bool) -> Iterator[None]:
+        """Switch to eager attention (which returns weights) for one call only."""
+        current = self.hf_model.config._attn_implementation
+        if not eager or current == "eager":
+            yield
+            return
+        self.hf_model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            self.hf_model.set_attn_implementation(current)
+
+    def forward(self, inputs: Any, target_token_positions: list = ["all"], pivot_positions: Any = None,
+                extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
+                external_cache: ActivationCache | None = None, batch_idx: int | None = None,
+                move_to_cpu: bool = False, vocabulary_index: Any = None) -> ActivationCache:
+        """Run the model on ``inputs`` (``input_ids``/``attention_mask`` ``[batch, seq]``) and extract.
+
+        Every activation is ``[batch, P, ...]`` where P is the target positions of all requested groups
+        concatenated; ``cache["mapping_index"]`` maps each group to its slots and ``cache["token_dict"]`` to the
+        positions within each unpadded prompt. Left and right padding give the same result as unpadded prompts.
+        """
+        cfg = extraction_config
+        keys = check_config(cfg, self.spec, self.model_config)
+        specs = validate_specs(list(target_token_positions))
+        all_interventions = list(self._persistent) + list(interventions or [])
+        if all_interventions:
+            from .interventions import validate_interventions
+
+            validate_interventions(all_interventions, self)
+        ids, mask = self._prepare(inputs)
+        resolved = resolve_positions(specs, mask, pivot_positions)
+        rows = resolved
+        if cfg.attn_pattern_row_positions is not None:
+            rows = resolve_positions(validate_specs(list(cfg.attn_pattern_row_positions)), mask, pivot_positions)
+        gathered = Gathered(resolved.index, resolved.valid, rows.index, rows.valid)
+        device = self.device
+        ids, mask_d = ids.to(device), mask.to(device)
+        position_ids = (mask_d.cumsum(-1) - 1).clamp(min=0)
+        want_patterns = any(k.startswith("pattern_") for k in keys) or any(
+            iv.activation.startswith("pattern_") for iv in all_interventions)
+        extractor = Extractor(self.hf_model, self.spec, self.model_config, keys, gathered,
+                              detach=not cfg.keep_gradient, move_to_cpu=move_to_cpu)
+        grad = torch.enable_grad() if cfg.keep_gradient else torch.no_grad()
+        with ExitStack() as stack, grad, self._attention(want_patterns):
+            if all_interventions:
+                from .interventions import register_intervention_hooks
+
+                register_intervention_hooks(stack, self, all_interventions, mask, pivot_positions)
+            extractor.register(stack)
+            output = self.hf_model(input_ids=ids, attention_mask=mask_d, position_ids=position_ids, use_cache=False)
+        out: dict[str, Any] = extractor.out
+        if "input_embeddings" in out and cfg.keep_gradient and out["input_embeddings"].requires_grad:
+            out["input_embeddings"].retain_grad()
+        if cfg.save_logits:
+            logits = gathered.take(output.logits)
+            if vocabulary_index is not None:
+                logits = logits[..., torch.as_tensor(vocabulary_index, device=logits.device)]
+            out["logits"] = logits if cfg.keep_gradient else logits.detach()
+            if move_to_cpu:
+                out["logits"] = out["logits"].cpu()
+        if cfg.save_input_ids:
+            out["input_ids"] = gathered.take(ids).to("cpu" if move_to_cpu else ids.device)
+        # position of each pattern row within its unpadded prompt (for the "baseline_ratio" reduction)
+        row_abs = rows.index - mask.argmax(-1)[:, None]
+        reduce_patterns(out, cfg, rows.mapping_index, resolved.mapping_index, row_abs)
+        mapping = reduce_positions(out, cfg, dict(resolved.mapping_index), resolved.valid)
+        cache = external_cache if external_cache is not None else ActivationCache()
+        for key in keys + [k for k in ("logits", "input_ids") if k in out]:
+            cache[key] = out[key]
+        cache["mapping_index"] = mapping
+        cache["token_dict"] = resolved.token_dict
+        if batch_idx is not None:
+            cache["batch_idx"] = batch_idx
+        return cache
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ datasets
+    def extract_cache(self, dataloader: Iterable[dict[str, Any]], target_token_positions: list,
+                      extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
+                      batch_saver: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda batch: None,
+                      move_to_cpu_after_forward: bool = True, **forward_kwargs: Any) -> ActivationCache:
+        """Forward every batch of ``dataloader`` (any iterable, generators included) and concatenate the caches
+        along the batch axis in linear time. Each batch may carry ``pivot_positions``; ``batch_saver(batch)``
+        returns extra per-batch fields to keep. Adds ``cache["metadata"]``."""
+        validate_specs(list(target_token_positions))
+        parts: list[ActivationCache] = []
+        total = len(dataloader) if hasattr(dataloader, "__len__") else None
+        n_rows = 0
+        for i, batch in enumerate(tqdm(dataloader, total=total, desc="extract_cache", unit="batch",
+                                       disable=None)):
+            pivots = batch.get("pivot_positions") if hasattr(batch, "get") else None
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+            cache = self.forward(inputs, target_token_positions, pivot_positions=pivots,
+                                 extraction_config=extraction_config, interventions=interventions,
+                                 move_to_cpu=move_to_cpu_after_forward, **forward_kwargs)
+            extra = batch_saver(batch)
+            if extra:
+                for k, v in extra.items():
+                    cache[k] = v if isinstance(v, torch.Tensor) else [v]
+            n_rows += int(torch.as_tensor(inputs["input_ids"]).reshape(-1, torch.as_tensor(
+                inputs["input_ids"]).shape[-1]).shape[0])
+            parts.append(cache)
+        if not parts:
+            raise ConfigError("extract_cache got an empty dataloader; pass at least one batch.")
+        out = ActivationCache.concat(parts)
+        out["metadata"] = {
+            "model_name": self.model_name,
+            "model_config": self.model_config.to_dict(),
+            "target_token_positions": [spec_key(s) for s in validate_specs(list(target_token_positions))],
+            "extraction_config": extraction_config.to_dict(),
+            "interventions": [iv.to_dict() for iv in (list(self._persistent) + list(interventions or []))],
+            "n_examples": n_rows,
+            "n_batches": len(parts),
+        }
+        return out
+
+    # ------------------------------------------------------------------ generation helpers
+    def predict(self, k: int = 10, **forward_kwargs: Any) -> dict[str, float] | list[dict[str, float]]:
+        """Top-k next-token probabilities at the last position: ``{token string: prob}`` (a list for batch > 1)."""
+        forward_kwargs["target_token_positions"] = ["last"]
+        forward_kwargs["extraction_config"] = ExtractionConfig(save_logits=True)
+        cache = self.forward(**forward_kwargs)
+        probs = cache["logits"][:, -1].float().softmax(-1)
+        top = probs.topk(k, dim=-1)
+        out = [{self.hf_tokenizer.decode([int(i)]): float(p) for i, p in zip(ix, pv)}
+               for ix, pv in zip(top.indices, top.values)]
+        return out[0] if len(out) == 1 else out
+
+    def generate(self, inputs: Any, interventions: list | None = None, **generate_kwargs: Any) -> torch.Tensor:
+        """``hf_model.generate`` with optional interventions applied at every step. Returns token ids."""
+        ids, mask = self._prepare(inputs)
+        with ExitStack() as stack, torch.no_grad():
+            ivs = list(self._persistent) + list(interventions or [])
+            if ivs:
+                from .interventions import register_intervention_hooks, validate_interventions
+
+                validate_interventions(ivs, self)
+                register_intervention_hooks(stack, self, ivs, mask, None)
+            return self.hf_model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          **generate_kwargs)
+
