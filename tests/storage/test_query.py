@@ -1,0 +1,106 @@
+"""Query semantics for every criterion, on normalised values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyroutine_dist.config import ExtractionConfig
+from easyroutine_dist.intervention_spec import Intervention
+
+
+@pytest.fixture
+def populated(local_backend):
+    s = local_backend.saver("q")
+    iv = [Intervention("full", "resid_out_0", [(0, 2)], "ablation")]
+    s.save(torch.ones(1), "gpt2", [(0, 2), "last"], None, ExtractionConfig(extract_resid_out=True),
+           {"batch_id": 0, "labels": (1, 2)}, tag="a", pivot_positions=[3])
+    s.save(torch.ones(1), "gpt2", ["last"], iv, ExtractionConfig(extract_resid_out=True, extract_attn_pattern=True),
+           {"batch_id": 1}, tag="b")
+    s.save(torch.ones(1), "org/llama", ["all"], None, {"extract_mlp_out": True}, {"batch_id": 1}, tag="c")
+    local_backend.saver("other").save(torch.ones(1), "gpt2", ["last"], None, ExtractionConfig(), tag="a")
+    return local_backend.loader("q"), iv
+
+
+def tags(res) -> list[str]:
+    return [e["tag"] for e in res]
+
+
+def test_experiment(populated):
+    loader, _ = populated
+    assert tags(loader.query()) == ["a", "b", "c"]
+    assert tags(loader.query(experiment_name="other")) == ["a"]
+    assert len(loader.query(experiment_name="missing")) == 0
+
+
+def test_model_and_tag(populated):
+    loader, _ = populated
+    assert tags(loader.query(model_name="gpt2")) == ["a", "b"]
+    assert tags(loader.query(model_name="org/llama")) == ["c"]
+    assert tags(loader.query(tag="b")) == ["b"]
+    assert tags(loader.query(model_name="gpt2", tag="c")) == []
+
+
+def test_positions_tuple_matches_tuple(populated):
+    loader, _ = populated
+    assert tags(loader.query(target_token_positions=[(0, 2), "last"])) == ["a"]
+    assert tags(loader.query(target_token_positions=[[0, 2], "last"])) == ["a"]
+    assert tags(loader.query(target_token_positions=["last"])) == ["b"]
+    assert tags(loader.query(target_token_positions=[(0, 3), "last"])) == []
+    assert tags(loader.query(pivot_positions=[3])) == ["a"]
+    assert tags(loader.query(pivot_positions=(3,))) == ["a"]
+
+
+def test_custom_keys(populated):
+    loader, _ = populated
+    assert tags(loader.query(custom_keys={"batch_id": 1})) == ["b", "c"]
+    assert tags(loader.query(custom_keys={"labels": (1, 2)})) == ["a"]
+    assert tags(loader.query(custom_keys={"batch_id": 1, "labels": (1, 2)})) == []
+    assert tags(loader.query(custom_keys={"nope": 1})) == []
+
+
+def test_extraction_config(populated):
+    loader, _ = populated
+    assert tags(loader.query(extraction_config=ExtractionConfig(extract_attn_pattern=True))) == ["b"]
+    assert tags(loader.query(extraction_config=ExtractionConfig(extract_resid_out=True))) == ["a", "b"]
+    assert tags(loader.query(extraction_config={"extract_mlp_out": True})) == ["c"]
+    assert tags(loader.query(extraction_config=ExtractionConfig(extract_mlp_out=True))) == ["c"]
+    assert tags(loader.query(extraction_config=ExtractionConfig(extract_mlp_out=True, extract_resid_out=True))) == []
+    assert tags(loader.query(extraction_config=ExtractionConfig(save_logits=False))) == []
+
+
+def test_interventions(populated):
+    loader, iv = populated
+    assert tags(loader.query(interventions=iv)) == ["b"]
+    assert tags(loader.query(interventions=[i.to_dict() for i in iv])) == ["b"]
+    assert tags(loader.query(interventions=[])) == ["a", "c"]
+
+
+def test_save_time(populated):
+    loader, _ = populated
+    res = loader.query()
+    first = res[0]
+    assert first["run_id"] in [e["run_id"] for e in loader.query(save_time=first["save_time"])]
+    assert tags(loader.query(save_time=first["run_id"])) == ["a"]
+    assert tags(loader.query(save_time=first["save_time"][:10])) == ["a", "b", "c"]
+    assert tags(loader.query(save_time="1999")) == []
+
+
+def test_result_slicing_and_printout(populated):
+    loader, _ = populated
+    res = loader.query()
+    assert tags(res[1:]) == ["b", "c"]
+    text = str(res)
+    assert len(text.splitlines()) == 2 + 3
+    for e in res:
+        assert e["run_id"] in text
+    assert len(res.get_paths()) == 3 and all(p.endswith(e["run_id"]) for p, e in zip(res.get_paths(), res))
+
+
+def test_new_runs_seen_by_existing_loader(local_backend):
+    loader = local_backend.loader("q")
+    assert len(loader.query()) == 0
+    local_backend.saver("q").save(torch.ones(1), "m", ["last"], None, ExtractionConfig())
+    assert len(loader.query()) == 1
+    loader.query().remove(0)
+    assert len(loader.query()) == 0
