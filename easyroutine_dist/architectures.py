@@ -25,6 +25,7 @@ class ArchSpec:
         ``[q_h|k_h|v_h]``), "phi3" (fused Linear ``[q|k|v]`` with GQA sizes).
     attn_out: module whose output (first element if a tuple) is exactly the term the block adds to the residual.
     mlp_out: same for the MLP branch.
+    input_norm: the pre-attention norm (None for post-norm blocks, whose attention reads the raw residual).
     mid: module whose first input is the residual between the attention and MLP branches (None: parallel residual).
     norm_kind / norm_offset / norm_eps_attr: how the final norm computes, for a lens saved without the model
         (Gemma's RMSNorm multiplies by ``1 + w``: offset 1.0).
@@ -35,7 +36,7 @@ class ArchSpec:
     final_norm: str
     attn: str
     o_proj: str
-    input_norm: str
+    input_norm: str | None
     attn_out: str
     mlp_out: str
     mid: str | None
@@ -102,7 +103,7 @@ REGISTRY: dict[str, ArchSpec] = {
                         "q_proj": None, "k_proj": None, "v_proj": None}),
     # OLMo-2 is post-norm: the branch outputs are normed, then added; the MLP reads the raw residual
     "olmo2": ArchSpec(**{**_LLAMA_LIKE, "attn_out": "post_attention_layernorm",
-                         "mlp_out": "post_feedforward_layernorm", "mid": "mlp"}),
+                         "mlp_out": "post_feedforward_layernorm", "mid": "mlp", "input_norm": None}),
 }
 
 

@@ -110,7 +110,9 @@ class Extractor:
         self.out[key] = value
 
     def _handle(self, module: torch.nn.Module, items: list[tuple[str, Site]], args: tuple, kwargs: dict,
-                output: Any) -> None:
+                output: Any) -> Any:
+        """Capture every key of one hook point; returns replacement (args, kwargs) only for keep_gradient."""
+        replacement = None
         gathered_cache: dict[str, torch.Tensor] = {}
         for key, site in items:
             if site.arg == "weights":
@@ -119,12 +121,30 @@ class Extractor:
                     gathered_cache["w"] = self.gathered.take_pattern(w)
                 self._store(key, gathered_cache["w"][:, site.head])
                 continue
+            if site.kind == "input_embeddings" and not self.detach:
+                replacement = self._embeddings_with_grad(key, args, kwargs)
+                continue
             if "t" not in gathered_cache:
                 gathered_cache["t"] = self.gathered.take(pick(args, kwargs, output, site.arg))
             value = take_cols(gathered_cache["t"], site.cols)
             if site.kind == "head_out" or site.kind.startswith("projected_"):
                 value = self._through_o_proj(value, site)
             self._store(key, value)
+        return replacement
+
+    def _embeddings_with_grad(self, key: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """keep_gradient: put the gathered embeddings back into the stream so that they are upstream of the
+        logits and ``cache["input_embeddings"].grad`` is filled by ``backward()``. Slots of variable-length
+        groups that are not valid repeat a real position instead of being zeroed."""
+        h = pick(args, kwargs, None, "hidden")
+        index = self.gathered.index.to(h.device)
+        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(index)
+        g = h[rows, index]
+        self.out[key] = g
+        h = h.index_put((rows, index), g)
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
 
     def _through_o_proj(self, x: torch.Tensor, site: Site) -> torch.Tensor:
         """Head h's ``[b, P, head_dim]`` times its slice of W_o: ``[b, P, d_model]`` (no bias)."""
@@ -141,13 +161,13 @@ class Extractor:
             module = self.model.get_submodule(path)
 
             def hook(mod, args, kwargs, output=None, _items=items):  # noqa: ANN001
-                self._handle(mod, _items, args, kwargs, output)
+                return self._handle(mod, _items, args, kwargs, output)
 
             if when == "pre":
                 handle = module.register_forward_pre_hook(
                     lambda mod, args, kwargs, _h=hook: _h(mod, args, kwargs), with_kwargs=True)
             else:
-                handle = module.register_forward_hook(hook, with_kwargs=True)
+                handle = module.register_forward_hook(lambda *a, _h=hook: _h(*a) and None, with_kwargs=True)
             stack.callback(handle.remove)
 
 

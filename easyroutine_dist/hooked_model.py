@@ -101,6 +101,10 @@ class HookedModel:
             ids = ids[None]
         if ids.numel() == 0:
             raise ConfigError("inputs['input_ids'] is empty; pass at least one prompt of at least one token.")
+        vocab = self.model_config.vocab_size
+        if bool((ids < 0).any()) or bool((ids >= vocab).any()):
+            raise ConfigError(f"inputs['input_ids'] holds ids outside [0, {vocab}) (min {int(ids.min())}, max "
+                              f"{int(ids.max())}); tokenize with this model's own tokenizer.")
         mask = inputs.get("attention_mask")
         if mask is None:
             pad = getattr(self.hf_tokenizer, "pad_token_id", None)

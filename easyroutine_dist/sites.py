@@ -91,7 +91,8 @@ def resolve(key: str, spec: ArchSpec, shape: ModelShape) -> Site:
         where = {
             "resid_in": (None, "pre", "hidden"), "resid_out": (None, "out", "out0"),
             "resid_mid": (spec.mid, "pre", "hidden"), "attn_in": (spec.attn, "pre", "hidden"),
-            "resid_in_post_layernorm": (spec.input_norm, "out", "out0"),
+            "resid_in_post_layernorm": (spec.input_norm, "out", "out0") if spec.input_norm
+            else (spec.attn, "pre", "hidden"),
             "attn_out": (spec.attn_out, "out", "out0"), "mlp_out": (spec.mlp_out, "out", "out0"),
         }[kind]
         return Site(layer_path(i, where[0]), where[1], where[2], layer=i, kind=kind)
