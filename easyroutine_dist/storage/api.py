@@ -11,6 +11,7 @@ from ..errors import MetadataError, StorageError
 from . import layout
 from .catalog import Catalog
 from .fs import Store, resolve, resolve_from_env
+from .providers import provided_entries
 from .query import build_criteria, jsonable, matches, normalise
 from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
 
@@ -217,7 +218,10 @@ class ActivationLoader:
                               pivot_positions=pivot_positions, save_time=save_time, custom_keys=custom_keys,
                               extraction_config=extraction_config, interventions=interventions, tag=tag)
         exp = experiment_name or self.experiment_name
-        entries = self.catalog.entries(None if exp == ALL_EXPERIMENTS else exp)
+        scope = None if exp == ALL_EXPERIMENTS else exp
+        entries = provided_entries(self.store, scope)  # e.g. the Ray index actor, when a cluster is reachable
+        if entries is None:
+            entries = self.catalog.entries(scope)
         return QueryResult(self.store, self.catalog, [e for e in entries if matches(e, crit)])
 
     def rebuild_catalog(self) -> int:

@@ -78,22 +78,49 @@ class RunWriter:
     def _p(self, run: RunHandle, name: str = "") -> str:
         return self.store.path(run.rel, name)
 
-    def begin_run(self, experiment: str, model_name: str | None, metadata: dict[str, Any]) -> RunHandle:
-        """Allocate a unique run id and write its ``metadata.json``. Nothing is visible to queries yet.
+    def begin_run(self, experiment: str, model_name: str | None, metadata: dict[str, Any],
+                  run_id: str | None = None) -> RunHandle:
+        """Allocate a unique run id (or use ``run_id``, e.g. from ``layout.new_run_id()``, so that a crashed
+        driver can resume the run) and write its ``metadata.json``. Nothing is visible to queries yet.
 
-        ``metadata`` must be JSON-serialisable (checked before anything is written).
+        ``metadata`` must be JSON-serialisable (checked before anything is written). A caller-chosen ``run_id``
+        that already has a ``metadata.json`` is refused (StorageError); reopen it with :meth:`open_run`.
         """
         layout.check_experiment(experiment)
         slug = layout.model_slug(model_name)
         meta = normalise(metadata, "metadata")
         layout.check_tag(meta.get("tag"))
-        run_id, save_time, now = layout.new_run_id()
+        if run_id is None:
+            run_id, save_time, now = layout.new_run_id()
+        else:
+            import time
+
+            run_id, save_time, now = layout.check_run_id(run_id), run_id[:19], time.time()
+            taken = self.store.path(layout.run_rel(experiment, slug, run_id), layout.METADATA_FILE)
+            if exists(self.store, taken):
+                raise StorageError(f"run {run_id} already exists in experiment {experiment!r}; reopen it with "
+                                   "open_run(...) to resume it, or pick a new id (layout.new_run_id()).")
         meta.update(schema_version=SCHEMA_VERSION, run_id=run_id, experiment_name=experiment,
                     model_name=model_name, save_time=save_time, saved_at_unix=now)
         handle = RunHandle(run_id=run_id, experiment=experiment, model_slug=slug, url="", metadata=meta)
         handle = RunHandle(run_id, experiment, slug, self.store.url(self._p(handle)), meta)
         write_bytes(self.store, self._p(handle, layout.METADATA_FILE), json.dumps(meta, sort_keys=True).encode())
         return handle
+
+    def open_run(self, experiment: str, model_name: str | None, run_id: str) -> RunHandle:
+        """Reopen a begun run (committed or not) from its ``metadata.json``, e.g. to resume it after a crash.
+
+        Raises StorageError when the run was never begun under ``experiment``/``model_name``.
+        """
+        layout.check_experiment(experiment)
+        slug = layout.model_slug(model_name)
+        rel = layout.run_rel(experiment, slug, layout.check_run_id(run_id))
+        meta = json.loads(read_bytes(self.store, self.store.path(rel, layout.METADATA_FILE)))
+        return RunHandle(run_id, experiment, slug, self.store.url(self.store.path(rel)), meta)
+
+    def is_committed(self, run: RunHandle) -> bool:
+        """True once the run's ``_SUCCESS`` marker exists."""
+        return exists(self.store, self._p(run, layout.RUN_MARKER))
 
     def write_part(self, run: RunHandle, part_id: int, data: Any) -> dict[str, Any]:
         """Write one part's shards (deterministic names); return its JSON record. Not committed yet.
