@@ -56,7 +56,9 @@ class HookedModel:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return cls(model, tokenizer, model_name=str(name_or_path))
+        gguf = hf_kwargs.get("gguf_file")
+        name = str(gguf).rsplit(".gguf", 1)[0] if gguf else str(name_or_path)
+        return cls(model, tokenizer, model_name=name)
 
     # ------------------------------------------------------------------ easyroutine accessors
     def get_tokenizer(self) -> Any:
