@@ -1,0 +1,103 @@
+"""ActivationCache: the dict protocol, lazy linear-time cat, storage form."""
+
+import subprocess
+
+import pytest
+import torch
+
+from easyroutine_dist.cache import ActivationCache
+from easyroutine_dist.errors import ConfigError
+
+
+def _cache(rows: int, seed: int, positions: int = 2) -> ActivationCache:
+    g = torch.Generator().manual_seed(seed)
+    c = ActivationCache()
+    c["resid_out_0"] = torch.randn(rows, positions, 4, generator=g)
+    c["token_dict"] = {"last": [[positions]] * rows}
+    c["mapping_index"] = {"last": list(range(positions))}
+    return c
+
+
+def test_dict_protocol():
+    c = _cache(2, 0)
+    assert "resid_out_0" in c and c.get("nope", 7) == 7 and len(c) == 3
+    assert set(c.keys()) == {"resid_out_0", "token_dict", "mapping_index"}
+    del c["token_dict"]
+    assert "token_dict" not in c
+    c.update({"x": torch.ones(2, 1)})
+    assert dict(c.items())["x"].shape == (2, 1)
+    assert c.memory_size() == 2 * 2 * 4 * 4 + 2 * 4
+
+
+def test_cat_concatenates_on_the_batch_axis_and_merges_info():
+    a, b = _cache(2, 0), _cache(3, 1)
+    expected = torch.cat([a["resid_out_0"], b["resid_out_0"]])
+    a.cat(b)
+    assert torch.equal(a["resid_out_0"], expected)
+    assert len(a["token_dict"]["last"]) == 5
+    c = _cache(1, 0) + _cache(1, 1)
+    assert c["resid_out_0"].shape[0] == 2
+
+
+def test_cat_pads_variable_positions_with_zeros():
+    a, b = _cache(1, 0, positions=2), _cache(1, 1, positions=4)
+    a.cat(b)
+    assert a["resid_out_0"].shape == (2, 4, 4)
+    assert torch.count_nonzero(a["resid_out_0"][0, 2:]) == 0
+    assert a["mapping_index"]["last"] == [0, 1, 2, 3]
+
+
+def test_cat_is_linear_in_the_number_of_batches():
+    """Lazy chunks: n cats join once, so 4x the batches copy 4x the bytes (not 16x)."""
+    def copies(n):
+        calls = []
+        orig = torch.cat
+
+        def counting(tensors, *a, **k):
+            calls.append(sum(t.numel() for t in tensors))
+            return orig(tensors, *a, **k)
+
+        torch.cat = counting
+        try:
+            out = ActivationCache()
+            for i in range(n):
+                out.cat(_cache(1, i))
+            out["resid_out_0"]
+        finally:
+            torch.cat = orig
+        return sum(calls)
+
+    assert copies(400) == 4 * copies(100)
+
+
+def test_register_aggregation():
+    a, b = _cache(1, 0), _cache(1, 1)
+    a["score"] = torch.tensor([1.0])
+    b["score"] = torch.tensor([3.0])
+    a.register_aggregation("score", lambda vals: torch.stack(vals).mean(0))
+    a.cat(b)
+    assert torch.equal(a["score"], torch.tensor([2.0]))
+
+
+def test_flat_round_trip_and_map_to_dict():
+    c = _cache(2, 0)
+    c["metadata"] = {"model_name": "m", "positions": ["last", [0, 2]]}
+    tensors, info = c.to_flat()
+    assert set(tensors) == {"resid_out_0"} and info["metadata"]["model_name"] == "m"
+    back = ActivationCache.from_flat(tensors, info)
+    assert torch.equal(back["resid_out_0"], c["resid_out_0"]) and back["metadata"] == c["metadata"]
+    assert back.map_to_dict("resid_out_0")["last"].shape == (2, 2, 4)
+    c["bad"] = object()
+    with pytest.raises(ConfigError, match="bad"):
+        c.to_flat()
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run extracts its command from README.md; both must name pytest and the setup script."""
+    readme = open("README.md").read().splitlines()
+    assert readme[3].startswith("bash scripts/setup.sh && .venv/bin/easyroutine-dist demo")
+    assert readme[4].startswith("bash scripts/setup.sh && .venv/bin/python -m pytest")
+    out = subprocess.run(["bash", "-c", "grep -m1 -E '^bash scripts/setup.sh && .*pytest' README.md"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == readme[4].strip()
+    assert "README.md" in open(".ci/run").read()
