@@ -12,7 +12,7 @@ from . import layout
 from .catalog import Catalog
 from .fs import Store, resolve, resolve_from_env
 from .providers import provided_entries
-from .query import build_criteria, jsonable, matches, normalise
+from .query import build_criteria, compile_criteria, jsonable, normalise
 from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
 
 ALL_EXPERIMENTS = "*"
@@ -222,7 +222,8 @@ class ActivationLoader:
         entries = provided_entries(self.store, scope)  # e.g. the Ray index actor, when a cluster is reachable
         if entries is None:
             entries = self.catalog.entries(scope)
-        return QueryResult(self.store, self.catalog, [e for e in entries if matches(e, crit)])
+        pred = compile_criteria(crit)
+        return QueryResult(self.store, self.catalog, [e for e in entries if pred(e)])
 
     def rebuild_catalog(self) -> int:
         """Rebuild the catalog from the run markers in storage; returns the number of runs found."""

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from typing import Any
 
 from ..errors import StorageError
@@ -21,6 +23,8 @@ from .fs import Store, list_names, read_bytes, remove, write_bytes
 
 #: entries read one by one in a refresh beyond which a new snapshot is written
 COMPACT_AFTER = 64
+#: a local directory mtime is trusted to mean "unchanged" only when it is this much older than the listing
+MTIME_MARGIN_NS = 2_000_000_000
 
 
 class Catalog:
@@ -31,6 +35,8 @@ class Catalog:
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, dict[str, Any]]] = {}  # experiment -> {file name: entry}
         self._snap_loaded: set[str] = set()
+        # experiment -> (listed names, sorted entries, directory mtime before listing, listing time)
+        self._listing: dict[str, tuple[list[str], list[dict[str, Any]], int | None, int]] = {}
 
     # ------------------------------------------------------------------ paths
     def _dir(self, experiment: str) -> str:
@@ -53,16 +59,20 @@ class Catalog:
                     json.dumps(entry, sort_keys=True).encode())
         with self._lock:
             self._cache.setdefault(exp, {})[f"{run_id}.json"] = entry
+            self._listing.pop(exp, None)
 
     def discard(self, experiment: str, run_id: str) -> None:
         """Drop a run's entry (used when a run is removed or moved)."""
         remove(self.store, self.store.path(layout.CATALOG_DIR, experiment, f"{run_id}.json"))
         with self._lock:
             self._cache.get(experiment, {}).pop(f"{run_id}.json", None)
+            self._listing.pop(experiment, None)
 
     def entries(self, experiment: str | None = None) -> list[dict[str, Any]]:
         """Entries of one experiment (or all), sorted oldest first. Reads only entries not seen before."""
         exps = [layout.check_experiment(experiment)] if experiment is not None else self.experiments()
+        if len(exps) == 1:
+            return list(self._refresh(exps[0]))
         out: list[dict[str, Any]] = []
         for exp in exps:
             out.extend(self._refresh(exp))
@@ -95,19 +105,41 @@ class Catalog:
         with self._lock:
             self._cache.clear()
             self._snap_loaded.clear()
+            self._listing.clear()
         return len(markers)
 
     # ------------------------------------------------------------------ internals
+    def _dir_mtime(self, exp: str) -> int | None:
+        if not self.store.is_local:
+            return None
+        try:
+            return os.stat(self._dir(exp)).st_mtime_ns
+        except OSError:
+            return None
+
     def _refresh(self, exp: str) -> list[dict[str, Any]]:
-        names = [n for n in list_names(self.store, self._dir(exp)) if n.endswith(".json") and ".tmp-" not in n]
+        mtime = self._dir_mtime(exp)
         with self._lock:
+            last = self._listing.get(exp)
+            # Local disk: the directory's mtime changes whenever an entry is added, replaced or removed. It is
+            # trusted only when it is older than the listing by MTIME_MARGIN_NS, so a change in the same clock
+            # tick as the listed one cannot go unseen.
+            if last is not None and mtime is not None and last[2] == mtime and last[3] - mtime > MTIME_MARGIN_NS:
+                return last[1]
+        listed_at = time.time_ns()
+        names = list_names(self.store, self._dir(exp))
+        with self._lock:
+            if last is not None and last[0] == names:
+                self._listing[exp] = (names, last[1], mtime, listed_at)
+                return last[1]  # directory unchanged since the last query: reuse the sorted entries
             cache = self._cache.setdefault(exp, {})
-            missing = [n for n in names if n not in cache]
+            wanted = [n for n in names if n.endswith(".json") and ".tmp-" not in n]
+            missing = [n for n in wanted if n not in cache]
             if missing and exp not in self._snap_loaded:
                 self._snap_loaded.add(exp)
                 for name, entry in self._read_snapshot(exp).items():
                     cache.setdefault(name, entry)
-                missing = [n for n in names if n not in cache]
+                missing = [n for n in wanted if n not in cache]
         fresh: dict[str, dict[str, Any]] = {}
         for name in missing:
             try:
@@ -115,13 +147,16 @@ class Catalog:
             except StorageError:
                 continue  # removed between listing and reading
             except ValueError:
-                continue  # an entry is always written whole; a foreign unreadable file is not a run
+                continue  # entries are written whole; an unreadable foreign file is not a run
         with self._lock:
             cache.update(fresh)
-            listed = set(names)
+            listed = set(wanted)
             for gone in [n for n in cache if n not in listed]:
                 del cache[gone]
-            current = [cache[n] for n in names if n in cache]
+            current = sorted((cache[n] for n in wanted if n in cache),
+                             key=lambda e: (e.get("saved_at_unix", 0.0), e["run_id"]))
+            if len(current) == len(wanted):  # every listed entry is known: safe to reuse for this listing
+                self._listing[exp] = (names, current, mtime, listed_at)
             snapshot = dict(cache) if len(fresh) >= COMPACT_AFTER else None
         if snapshot is not None:
             self._write_snapshot(exp, snapshot)

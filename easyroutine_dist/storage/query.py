@@ -112,3 +112,60 @@ def matches(entry: dict[str, Any], crit: dict[str, Any]) -> bool:
         elif entry.get(key) != want:
             return False
     return True
+
+
+def _sub_check(field: str, items: list[tuple[str, Any]]):
+    if len(items) == 1:
+        (k, v), = items
+        return lambda e: (e.get(field) or _EMPTY).get(k, _MISSING) == v
+
+    def check(e: dict[str, Any]) -> bool:
+        have = e.get(field) or _EMPTY
+        for k, v in items:
+            if have.get(k, _MISSING) != v:
+                return False
+        return True
+
+    return check
+
+
+def compile_criteria(crit: dict[str, Any]):
+    """A fast predicate equivalent to ``matches(entry, crit)``, for filtering many entries."""
+    checks = []
+    for key, want in crit.items():
+        if key in ("save_time", "interventions"):
+            checks.append(lambda e, k=key, w=want: matches(e, {k: w}))
+        elif key == "custom_keys":
+            checks.append(_sub_check("other_metadata", list(want.items())))
+        elif key == "extraction_config":
+            checks.append(_sub_check("extraction_config", list(want.items())))
+        else:
+            checks.append(lambda e, k=key, w=want: e.get(k) == w)
+    if not checks:
+        return lambda e: True
+    if len(checks) == 1:
+        return checks[0]
+    # most selective first is unknown; custom keys and tags usually are, so they go first
+    order = {"tag": 0, "custom_keys": 1, "save_time": 2}
+    checks = [c for _, c in sorted(zip([order.get(k, 5) for k in crit], checks), key=lambda p: p[0])]
+
+    def pred(e: dict[str, Any]) -> bool:
+        for c in checks:
+            if not c(e):
+                return False
+        return True
+
+    return pred
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+class _Missing:
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+
+_MISSING = _Missing()

@@ -122,14 +122,15 @@ class RunWriter:
         """True once the run's ``_SUCCESS`` marker exists."""
         return exists(self.store, self._p(run, layout.RUN_MARKER))
 
-    def write_part(self, run: RunHandle, part_id: int, data: Any) -> dict[str, Any]:
+    def write_part(self, run: RunHandle, part_id: int, data: Any, *, check_committed: bool = True) -> dict[str, Any]:
         """Write one part's shards (deterministic names); return its JSON record. Not committed yet.
 
         Refuses (StorageError) when the part is already committed, so a retry never overwrites a committed part.
+        ``check_committed=False`` skips that lookup for a run this process just began (one request less on S3).
         """
         layout.check_part_id(part_id)
         tensors, info = as_flat(data)
-        if exists(self.store, self._p(run, layout.record_name(part_id))):
+        if check_committed and exists(self.store, self._p(run, layout.record_name(part_id))):
             raise StorageError(f"part {part_id} of run {run.run_id} is already committed; it will not be rewritten.")
         shards = []
         for i, keys in enumerate(plan_shards(tensors, self.max_shard_bytes)):
@@ -160,12 +161,16 @@ class RunWriter:
                 out[int(rec["part_id"])] = rec
         return dict(sorted(out.items()))
 
-    def commit_run(self, run: RunHandle, records: list[dict[str, Any]] | None = None) -> str:
+    def commit_run(self, run: RunHandle, records: list[dict[str, Any]] | None = None, *, verify: bool = True) -> str:
         """Write the run marker (last, exclusive) and register the run in the catalog; return the run's URL.
 
-        ``records`` defaults to every committed part. Each given record must be committed.
+        ``records`` defaults to every committed part. Each given record must be committed (checked against storage
+        unless ``verify=False``, for records whose ``commit_part`` this process has just seen succeed).
         """
-        committed = self.committed_parts(run)
+        if records is not None and not verify:
+            committed = {r["part_id"]: r for r in records}
+        else:
+            committed = self.committed_parts(run)
         recs = list(committed.values()) if records is None else sorted(records, key=lambda r: r["part_id"])
         ids = [r["part_id"] for r in recs]
         if len(set(ids)) != len(ids):

@@ -1,8 +1,8 @@
 """Tensors <-> safetensors shards on any fsspec store, with sha256 and ranged partial reads.
 
 The safetensors format is written directly (8-byte little-endian header length, JSON header, raw bytes) so that
-tensors stream to storage without an extra in-memory copy, and hashing runs in a helper thread while bytes are
-written. Files are standard safetensors: ``safetensors.torch.load`` reads them.
+tensors stream to storage without an extra in-memory copy, and tensors are hashed by helper threads while bytes
+are written. Files are standard safetensors: ``safetensors.torch.load`` reads them.
 """
 
 from __future__ import annotations
@@ -74,6 +74,25 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, 
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def shard_digest(header: bytes, tensor_digests: list[str]) -> str:
+    """The shard's sha256: ``sha256(header bytes || digest of each tensor's bytes, in file order)``.
+
+    Header and tensor bytes cover every byte of a safetensors file, so this digest changes with any byte of the
+    shard, and it lets tensors be hashed in parallel and ranged reads be verified per tensor.
+    """
+    h = hashlib.sha256(header)
+    for d in tensor_digests:
+        h.update(bytes.fromhex(d))
+    return h.hexdigest()
+
+
+def _sha(view: memoryview) -> str:
+    return hashlib.sha256(view).hexdigest()  # releases the GIL on large buffers: runs beside the writes
+
+
+_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="shard-sha256")
+
+
 def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write ``tensors`` (contiguous, cpu) as one safetensors file; return its JSON record.
 
@@ -83,13 +102,8 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
     # widest dtypes first keeps every tensor aligned to its element size without padding
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
     head, _ = _header(tensors, order)
-    file_h = hashlib.sha256(head)
-    tensor_h = {k: hashlib.sha256() for k in order}
-
-    def hash_chunk(key: str, chunk: memoryview) -> None:
-        file_h.update(chunk)
-        tensor_h[key].update(chunk)
-
+    views = {k: _raw(tensors[k]) for k in order}
+    futures = {k: _POOL.submit(_sha, views[k]) for k in order}
     target = f"{path}.tmp-{uuid.uuid4().hex}" if store.is_local else path
     total = len(head)
     try:
@@ -98,30 +112,30 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
             f = open(target, "wb")
         else:
             f = store.fs.open(target, "wb")
-        with ThreadPoolExecutor(1) as pool, f:
+        with f:
             f.write(head)
             for k in order:
-                data = _raw(tensors[k])
-                for i in range(0, max(len(data), 1), _CHUNK):
-                    chunk = data[i:i + _CHUNK]
-                    fut = pool.submit(hash_chunk, k, chunk)  # hashlib releases the GIL: overlaps the write
-                    f.write(chunk)
-                    fut.result()
-                    total += len(chunk)
+                data = views[k]
+                for i in range(0, len(data), _CHUNK):
+                    f.write(data[i:i + _CHUNK])
+                total += len(data)
+        digests = {k: futures[k].result() for k in order}
         if store.is_local:
             os.replace(target, path)
     except OSError as exc:
         raise StorageError(f"cannot write shard {store.url(path)}: {exc}") from exc
     finally:
+        for fut in futures.values():
+            fut.cancel()
         if store.is_local and os.path.exists(target):
             os.unlink(target)
     return {
         "file": path.rsplit("/", 1)[-1],
         "bytes": total,
-        "sha256": file_h.hexdigest(),
+        "sha256": shard_digest(head, [digests[k] for k in order]),
         "header_bytes": len(head),
         "header_sha256": hashlib.sha256(head).hexdigest(),
-        "tensors": {k: tensor_h[k].hexdigest() for k in order},
+        "tensors": digests,
     }
 
 
@@ -163,12 +177,22 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
         return {}
     if len(wanted) == len(record["tensors"]):
         data = bytearray(read_bytes(store, path))
-        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        hb = record["header_bytes"]
+        bad = len(data) != record["bytes"]
+        if not bad:
+            _, header = _parse_header(bytes(data[:hb]), where)
+            order = sorted(record["tensors"], key=lambda k: header[k]["data_offsets"][0] if k in header else -1)
+            view = memoryview(data)
+            futs = [_POOL.submit(_sha, view[hb + header[k]["data_offsets"][0]:hb + header[k]["data_offsets"][1]])
+                    if k in header else None for k in order]
+            digests = [f.result() if f is not None else "" for f in futs]
+            bad = shard_digest(bytes(data[:hb]), digests) != record["sha256"]
+        if bad:
             raise CorruptShardError(
                 f"shard {where} is corrupted or truncated: {len(data)} bytes, expected {record['bytes']} with "
                 f"sha256 {record['sha256'][:16]}...; the run cannot be trusted, re-save it."
             )
-        start, header = _parse_header(bytes(data[: record["header_bytes"]]), where)
+        start, header = _parse_header(bytes(data[:hb]), where)
         return {k: _tensor_from(data, start, header[k], k, where) for k in wanted}
     # partial: the header, then one ranged read per run of adjacent wanted tensors
     head = read_bytes(store, path, 0, record["header_bytes"])

@@ -1,0 +1,157 @@
+"""Storage benchmarks: save() write throughput vs raw fs.pipe_file, and query latency vs a scan of every run.
+
+Run: python benchmarks/bench_storage.py [--quick]. Prints a markdown table (copied into docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import torch
+from safetensors.torch import save as st_save
+
+from easyroutine_dist.config import ExtractionConfig
+from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
+from easyroutine_dist.storage import layout
+from easyroutine_dist.storage.catalog import Catalog
+
+
+def _tensors(total_mb: int) -> dict[str, torch.Tensor]:
+    n = 8
+    per = total_mb * 2**20 // n // 4
+    return {f"resid_out_{i}": torch.randn(per) for i in range(n)}
+
+
+def bench_write(url: str, options: dict | None, total_mb: int, reps: int) -> dict[str, float]:
+    """Median seconds of save() and of fs.pipe_file of the same safetensors bytes."""
+    tensors = _tensors(total_mb)
+    saver = ActivationSaver(url, "bench", storage_options=options)
+    fs = saver.store.fs
+    blob = st_save(tensors)
+    raw_t, save_t = [], []
+    for r in range(reps):
+        path = saver.store.path("raw", f"{uuid.uuid4().hex}.safetensors")
+        if saver.store.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        t = time.perf_counter()
+        fs.pipe_file(path, blob)
+        raw_t.append(time.perf_counter() - t)
+        fs.rm(path)
+        t = time.perf_counter()
+        out = saver.save(tensors, "bench-model", ["last"], None, ExtractionConfig())
+        save_t.append(time.perf_counter() - t)
+        ActivationLoader.from_saver(saver).query().remove(-1)
+        del out
+    raw, save = statistics.median(raw_t), statistics.median(save_t)
+    mb = len(blob) / 2**20
+    return {"MB": mb, "raw_MBps": mb / raw, "save_MBps": mb / save, "ratio": raw / save}
+
+
+def _populate(root: str, n: int) -> None:
+    """n committed-looking runs: a catalog entry each (what queries read) and a metadata.json (what a scan reads)."""
+    cat_dir = os.path.join(root, layout.CATALOG_DIR, "bench")
+    os.makedirs(cat_dir, exist_ok=True)
+    base = time.time() - n
+    for i in range(n):
+        run_id, save_time, t = layout.new_run_id(base + i)
+        entry = {"run_id": run_id, "experiment_name": "bench", "model_name": "gpt2", "save_time": save_time,
+                 "saved_at_unix": t, "tag": f"batch_{i}", "target_token_positions": ["last"],
+                 "pivot_positions": None, "interventions": [], "other_metadata": {"batch_id": i},
+                 "extraction_config": ExtractionConfig(extract_resid_out=True).to_dict(), "schema_version": 1,
+                 "n_parts": 1, "n_keys": 24}
+        body = json.dumps(entry, sort_keys=True)
+        with open(os.path.join(cat_dir, f"{run_id}.json"), "w") as f:
+            f.write(body)
+        rdir = os.path.join(root, "bench", "gpt2", run_id)
+        os.makedirs(rdir)
+        with open(os.path.join(rdir, "metadata.json"), "w") as f:
+            f.write(body)
+
+
+def _scan_query(root: str, tag: str) -> list[dict]:
+    """The baseline: read every run's metadata.json on each query (easyroutine's approach)."""
+    out = []
+    exp = os.path.join(root, "bench")
+    for model in os.listdir(exp):
+        for run in os.listdir(os.path.join(exp, model)):
+            with open(os.path.join(exp, model, run, "metadata.json")) as f:
+                meta = json.load(f)
+            if meta.get("tag") == tag:
+                out.append(meta)
+    return out
+
+
+def _p50(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000
+
+
+def bench_query(n: int, reps: int) -> dict[str, float]:
+    root = tempfile.mkdtemp(prefix=f"bench-q{n}-")
+    _populate(root, n)
+    loader = ActivationLoader(root, "bench")
+    t = time.perf_counter()
+    first = loader.query(tag="batch_7")  # first query of a process: reads entries, writes the snapshot
+    first_ms = (time.perf_counter() - t) * 1000
+    cold_ms = _p50(lambda: ActivationLoader(root, "bench").query(tag="batch_7"), max(3, reps // 10))
+    # just after writes: the catalog directory changed < 2 s ago, so every query lists it
+    listing_ms = _p50(lambda: loader.query(tag="batch_7"), reps)
+    time.sleep(2.1)  # steady state: unchanged directory (mtime older than the 2 s margin) is not relisted
+    warm_ms = _p50(lambda: loader.query(tag="batch_7"), reps)
+    crit_ms = _p50(lambda: loader.query(custom_keys={"batch_id": 7}, model_name="gpt2",
+                                        extraction_config=ExtractionConfig(extract_resid_out=True)), reps)
+    scan_ms = _p50(lambda: _scan_query(root, "batch_7"), max(3, reps // 10))
+    if len(first) != 1 or len(_scan_query(root, "batch_7")) != 1:
+        raise RuntimeError("benchmark query returned the wrong runs")
+    return {"runs": n, "first_ms": first_ms, "cold_ms": cold_ms, "warm_ms": warm_ms, "multi_ms": crit_ms,
+            "listing_ms": listing_ms,
+            "scan_ms": scan_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-s3", action="store_true")
+    args = ap.parse_args()
+    reps = 3 if args.quick else 5
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus\n")
+    print("| backend | MB | raw pipe_file MB/s | save MB/s | ratio |\n|---|---|---|---|---|")
+    tmp = tempfile.mkdtemp(prefix="bench-w-")
+    r = bench_write(tmp, None, 64 if args.quick else 256, reps)
+    print(f"| local | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} | {r['ratio']:.2f} |")
+    if not args.no_s3:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        ep = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench-bucket")
+        opts = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}
+        r = bench_write("s3://bench-bucket/acts", opts, 32 if args.quick else 128, reps)
+        print(f"| s3 (moto, 127.0.0.1) | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} | {r['ratio']:.2f} |")
+        server.stop()
+    print("\n| runs | first query ms | new loader p50 ms | p50 ms, dir just changed (tag) | p50 ms steady (tag) "
+          "| p50 ms steady (3 criteria) | scan-every-run p50 ms |\n|---|---|---|---|---|---|---|")
+    for n in (100, 1000, 10000):
+        q = bench_query(n, 20 if args.quick else 50)
+        print(f"| {n} | {q['first_ms']:.1f} | {q['cold_ms']:.1f} | {q['listing_ms']:.2f} | {q['warm_ms']:.2f} "
+              f"| {q['multi_ms']:.2f} "
+              f"| {q['scan_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
