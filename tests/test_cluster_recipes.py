@@ -40,8 +40,8 @@ REQUIRED_JOB_KEYS = {
     "model", "num_workers", "gpus_per_worker", "dataset", "batch_size", "partition_size",
     "target_token_positions", "extraction_config", "base_dir", "experiment",
 }
-OPTIONAL_JOB_KEYS = {"model_kwargs", "cpus_per_worker", "logit_lens", "tag"}
-DATASET_KEYS = {"hf", "name", "path", "split", "text_column"}
+OPTIONAL_JOB_KEYS = {"model_kwargs", "cpus_per_worker", "logit_lens", "tag", "ray_address"}
+DATASET_KEYS = {"path", "name", "split", "text_column"}
 LOGIT_LENS_KEYS = {"target_key", "top_k"}
 SECRET_ENV_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"}
 MISTRAL_BF16_GB = 7.24e9 * 2 / 1e9  # 7.24 B parameters x 2 bytes
@@ -253,7 +253,7 @@ def check_job_config(job: dict, where: str) -> None:
 
     ds = job["dataset"]
     assert set(ds) <= DATASET_KEYS, f"{where}: unknown dataset keys {sorted(set(ds) - DATASET_KEYS)}"
-    assert ("hf" in ds) != ("path" in ds), f"{where}: dataset needs exactly one of hf / path"
+    assert isinstance(ds.get("path"), str) and ds["path"], f"{where}: dataset needs a path (file, folder or HF id)"
     assert isinstance(ds.get("text_column", "text"), str)
 
     validate_specs(job["target_token_positions"])
