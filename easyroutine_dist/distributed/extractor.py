@@ -1,0 +1,457 @@
+"""DistributedExtractor: the driver. It validates, schedules partitions over worker actors, and commits runs.
+
+The driver holds the dataset's *inputs* one partition at a time and a few counters; activations go from each
+worker straight to storage. Scheduling is dynamic: every worker keeps at most ``max_in_flight_per_worker``
+partitions queued and the next partition goes to the least loaded live worker as soon as ``ray.wait`` returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Optional, Union
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+from ..errors import ConfigError, DistributedError, StorageError
+from ..storage.fs import exists, list_names
+from ..storage.layout import check_tag
+from ..storage.query import normalise
+from ..storage.runs import RunHandle, RunWriter, read_marker, run_dir
+from . import index as _index
+from .lensing import check_lens_config, lens_metadata
+from .models import ModelSource, resolve_model_source
+from .partitions import PartitionSpec, plan_dataset
+from .worker import ExtractionWorker, check_same_model
+
+_ACTOR_ERRORS = (RayActorError, WorkerCrashedError)
+
+
+@dataclass(frozen=True)
+class DistributedRun:
+    """What ``extract`` returns: where the run is and what this call did.
+
+    ``recomputed``: partitions computed by this call; ``skipped``: partitions already committed (resume);
+    ``retried``: partition attempts lost to worker deaths and redone.
+    """
+
+    run_id: str
+    experiment: str
+    model_name: str
+    url: str
+    n_rows: int
+    n_partitions: int
+    recomputed: int
+    skipped: int
+    retried: int
+    seconds: float
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _probe_storage(saver: Any) -> None:
+    """Fail fast (StorageError) when the saver's storage cannot be reached, before any worker starts."""
+    store = saver.store
+    try:
+        if store.is_local:
+            os.makedirs(store.root, exist_ok=True)
+            if not os.access(store.root, os.W_OK):
+                raise StorageError(f"storage {store.root!r} is not writable; pick a writable base_dir.")
+        elif store.protocol != "memory":
+            bucket = store.root.split("/", 1)[0]
+            if not exists(store, bucket):
+                raise StorageError(f"bucket {bucket!r} at {store.url(bucket)} does not exist or is not accessible; "
+                                   "create it or fix the endpoint/credentials (storage_options, AWS_* env vars).")
+            list_names(store, store.root)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any client error here means unreachable storage
+        raise StorageError(f"storage {store.url(store.root)} is unreachable ({type(exc).__name__}: {exc}); check "
+                           "the endpoint and credentials.") from exc
+
+
+class DistributedExtractor:
+    """Extract activations with ``num_workers`` Ray actors, each holding one HookedModel.
+
+    Args:
+        model_name: a folder or hub id for ``HookedModel.from_pretrained(model_name, **model_kwargs)``, a
+            ``"module:function"`` factory or a callable returning a HookedModel (called in each worker).
+        num_workers: worker actors (started on the first ``extract`` and reused; ``shutdown()`` stops them).
+        num_gpus_per_worker: GPUs per worker; the model is sharded (accelerate) over exactly those GPUs.
+        num_cpus_per_worker: CPUs Ray reserves per worker.
+        ray_address: a running cluster (``"auto"``, ``"ray://host:10001"``...); None starts a local one if Ray
+            is not initialised yet.
+    """
+
+    def __init__(self, model_name: Union[str, Callable[..., Any]], num_workers: int = 1,
+                 num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1,
+                 model_kwargs: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
+                 max_in_flight_per_worker: int = 2, max_worker_restarts: int = 3, max_part_attempts: int = 4) -> None:
+        problems = []
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            problems.append(f"num_workers={num_workers!r} must be an int >= 1")
+        if not isinstance(num_gpus_per_worker, (int, float)) or num_gpus_per_worker < 0:
+            problems.append(f"num_gpus_per_worker={num_gpus_per_worker!r} must be >= 0")
+        if not isinstance(num_cpus_per_worker, (int, float)) or num_cpus_per_worker < 0:
+            problems.append(f"num_cpus_per_worker={num_cpus_per_worker!r} must be >= 0")
+        if not isinstance(max_in_flight_per_worker, int) or max_in_flight_per_worker < 1:
+            problems.append("max_in_flight_per_worker must be an int >= 1")
+        if problems:
+            raise ConfigError("DistributedExtractor: " + "; ".join(problems) + ".")
+        self.source: ModelSource = resolve_model_source(model_name, model_kwargs)  # no weights loaded
+        self.num_workers = num_workers
+        self.num_gpus_per_worker = float(num_gpus_per_worker)
+        self.num_cpus_per_worker = float(num_cpus_per_worker)
+        self.max_in_flight = max_in_flight_per_worker
+        self.max_worker_restarts = max_worker_restarts
+        self.max_part_attempts = max_part_attempts
+        self._connect(ray_address)
+        self._check_resources()
+        self._workers: list[Any] = []
+        self._info: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ cluster
+    def _connect(self, address: Optional[str]) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if ray.is_initialized():
+            return
+        try:
+            if address is None:
+                cpus = max(int(os.cpu_count() or 1), int(self.num_workers * self.num_cpus_per_worker + 0.999))
+                ray.init(address=None, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise DistributedError(f"cannot connect to the Ray cluster at {address!r}: {exc}. Start it (ray start "
+                                   "--head) or pass ray_address=None for a local cluster.") from exc
+
+    def _check_resources(self) -> None:
+        res = ray.cluster_resources()
+        need_gpu = self.num_workers * self.num_gpus_per_worker
+        need_cpu = self.num_workers * self.num_cpus_per_worker
+        if need_gpu > res.get("GPU", 0):
+            raise ConfigError(f"{self.num_workers} workers x {self.num_gpus_per_worker:g} GPUs need {need_gpu:g} GPUs "
+                              f"but the cluster has {res.get('GPU', 0):g}; lower num_workers/num_gpus_per_worker "
+                              "or add GPU nodes.")
+        if need_cpu > res.get("CPU", 0):
+            raise ConfigError(f"{self.num_workers} workers x {self.num_cpus_per_worker:g} CPUs need {need_cpu:g} CPUs "
+                              f"but the cluster has {res.get('CPU', 0):g}; lower num_workers/num_cpus_per_worker.")
+
+    def _ensure_workers(self) -> None:
+        if self._workers:
+            return
+        cls = ray.remote(ExtractionWorker).options(
+            num_cpus=self.num_cpus_per_worker, num_gpus=self.num_gpus_per_worker,
+            max_restarts=self.max_worker_restarts, max_task_retries=0)
+        self._workers = [cls.remote(self.source, self.num_gpus_per_worker) for _ in range(self.num_workers)]
+        try:
+            infos = ray.get([w.info.remote() for w in self._workers])
+        except RayTaskError as exc:
+            self.shutdown()
+            raise DistributedError(f"a worker could not load model {self.source.name!r}: {exc.cause!r}") from exc
+        except _ACTOR_ERRORS as exc:
+            self.shutdown()
+            raise DistributedError(f"a worker died while loading model {self.source.name!r}: {exc}") from exc
+        self._info = infos[0]
+
+    def workers_info(self) -> list[dict[str, Any]]:
+        """``ExtractionWorker.info()`` of every worker (starts them if needed)."""
+        self._ensure_workers()
+        return ray.get([w.info.remote() for w in self._workers])
+
+    @property
+    def workers(self) -> list[Any]:
+        """The worker actor handles (empty before the first extract)."""
+        return list(self._workers)
+
+    def shutdown(self) -> None:
+        """Stop the workers (the index actor, detached, stays)."""
+        for w in self._workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self._workers = []
+
+    def __enter__(self) -> "DistributedExtractor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ scheduling
+    def _run_parts(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
+                   stop_after: Optional[int]) -> tuple[int, int, int, int]:
+        """Dynamic scheduling; returns ``(rows, recomputed, skipped, retried)``. Parts are opaque here."""
+        live = list(range(len(self._workers)))
+        load = collections.Counter({w: 0 for w in live})
+        deaths: collections.Counter = collections.Counter()
+        attempts: collections.Counter = collections.Counter()
+        retry: collections.deque = collections.deque()
+        in_flight: dict[Any, tuple[int, Any]] = {}
+        rows = recomputed = skipped = retried = 0
+        exhausted = False
+
+        def next_part() -> Any:
+            nonlocal exhausted
+            if retry:
+                return retry.popleft()
+            if exhausted:
+                return None
+            part = next(parts, None)
+            exhausted = part is None
+            return part
+
+        def resume_hint() -> str:
+            return (f"committed parts are kept; resume with extract(..., run_id={run.run_id!r}, resume=True) "
+                    f"(experiment {run.experiment!r}).")
+
+        while True:
+            while live:
+                w = min(live, key=lambda i: load[i])
+                if load[w] >= self.max_in_flight:
+                    break
+                part = next_part()
+                if part is None:
+                    break
+                in_flight[submit(self._workers[w], part)] = (w, part)
+                load[w] += 1
+            if not in_flight:
+                if not live and (retry or not exhausted):
+                    raise DistributedError(f"run {run.run_id}: every worker died more than "
+                                           f"{self.max_worker_restarts} times; " + resume_hint())
+                break
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = done[0]
+            w, part = in_flight.pop(ref)
+            load[w] -= 1
+            try:
+                res = ray.get(ref)
+            except _ACTOR_ERRORS as exc:
+                pid = getattr(part, "part_id", None)
+                if pid is None:
+                    pid = part[1]["part_id"]
+                attempts[pid] += 1
+                deaths[w] += 1
+                retried += 1
+                if attempts[pid] >= self.max_part_attempts:
+                    raise DistributedError(f"run {run.run_id}: partition {pid} failed {attempts[pid]} times "
+                                           f"(last: {exc}); " + resume_hint()) from exc
+                if deaths[w] > self.max_worker_restarts and w in live:
+                    live.remove(w)  # restarts exhausted: its queued parts fail and are retried elsewhere
+                retry.append(part)
+                continue
+            except RayTaskError as exc:
+                raise DistributedError(f"run {run.run_id}: a partition failed on a worker: {exc.cause!r}; fix the "
+                                       "cause, then " + resume_hint()) from exc
+            rows += int(res["rows"])
+            if res["skipped"]:
+                skipped += 1
+            else:
+                recomputed += 1
+            if stop_after is not None and recomputed >= stop_after:
+                ray.wait(list(in_flight), num_returns=len(in_flight))  # let queued parts land, like a real crash
+                raise DistributedError(f"run {run.run_id}: stopped after {recomputed} partitions (_stop_after_parts "
+                                       "test hook); " + resume_hint())
+        return rows, recomputed, skipped, retried
+
+    def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int) -> str:
+        committed = writer.committed_parts(run)
+        if sorted(committed) != list(range(n_parts)):
+            missing = sorted(set(range(n_parts)) - set(committed))
+            raise DistributedError(f"run {run.run_id}: parts {missing[:20]} are not committed; nothing was published. "
+                                   f"Resume with run_id={run.run_id!r}, resume=True.")
+        url = writer.commit_run(run)
+        manifest = read_marker(writer.store, run_dir(writer.store, {**run.metadata}))
+        from ..storage.catalog import entry_from_metadata
+
+        _index.register_run(writer.store, entry_from_metadata(run.metadata, manifest))
+        return url
+
+    def _open(self, writer: RunWriter, experiment: str, meta: dict[str, Any], run_id: Optional[str],
+              resume: bool, compare: tuple[str, ...]) -> tuple[RunHandle, bool]:
+        """Begin a run, or reopen it for resume after checking it describes the same work."""
+        model_name = self._info["model_name"] if self._info else self.source.name
+        if not resume:
+            return writer.begin_run(experiment, model_name, meta, run_id=run_id), False
+        try:
+            run = writer.open_run(experiment, model_name, run_id or "")
+        except StorageError as exc:
+            raise ConfigError(f"cannot resume run {run_id!r}: it was never begun in experiment {experiment!r} for "
+                              f"model {model_name!r} ({exc}).") from None
+        want = normalise({k: meta.get(k) for k in compare})
+        have = {k: run.metadata.get(k) for k in compare}
+        diff = sorted(k for k in compare if want.get(k) != have.get(k))
+        if diff:
+            raise ConfigError(f"cannot resume run {run_id}: {diff} differ from the stored run; resume with the same "
+                              "dataset, partition_size, positions, config and lens, or start a new run.")
+        return run, True
+
+    # ------------------------------------------------------------------ public API
+    def extract(self, dataset: Any, target_token_positions: list, extraction_config: Any, saver: Any,
+                batch_size: int = 8, partition_size: int = 256, tag: Optional[str] = None,
+                other_metadata: Optional[dict[str, Any]] = None, interventions: Optional[list[Any]] = None,
+                logit_lens: Optional[dict[str, Any]] = None, run_id: Optional[str] = None, resume: bool = False,
+                text_column: str = "text", tokenizer_kwargs: Optional[dict[str, Any]] = None,
+                _inject_failure: Optional[dict[str, Any]] = None,
+                _stop_after_parts: Optional[int] = None) -> DistributedRun:
+        """Extract ``dataset`` into one run of ``saver``'s storage and experiment; return a :class:`DistributedRun`.
+
+        Rows are stored in dataset order, partition ``i`` holding rows ``[i*partition_size, (i+1)*partition_size)``;
+        each tensor is ``[rows, P, ...]`` exactly as ``HookedModel.extract_cache`` returns it. ``resume=True`` with
+        the ``run_id`` of an interrupted run recomputes only partitions without a commit record.
+        """
+        from ..config import ExtractionConfig
+        from ..positions import validate_specs
+
+        t0 = time.perf_counter()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size!r} must be an int >= 1.")
+        if resume and run_id is None:
+            raise ConfigError("resume=True needs the run_id of the interrupted run (run_id=...).")
+        if not all(hasattr(saver, a) for a in ("store", "writer", "experiment_name")):
+            raise ConfigError(f"saver must be an ActivationSaver, got {type(saver).__name__}.")
+        plan = plan_dataset(dataset, partition_size, text_column)
+        validate_specs(list(target_token_positions))
+        cfg = extraction_config if isinstance(extraction_config, ExtractionConfig) else (
+            ExtractionConfig.from_dict(dict(extraction_config or {})))
+        lens = check_lens_config(logit_lens)
+        directions = lens["token_directions"] if lens else None  # sliced per partition, summarised in metadata
+        if directions is not None and plan.n_rows is not None and len(directions) != plan.n_rows:
+            raise ConfigError(f"logit_lens token_directions has {len(directions)} entries for {plan.n_rows} rows; "
+                              "give one per row.")
+        meta = {
+            "target_token_positions": normalise(target_token_positions, "target_token_positions"),
+            "pivot_positions": None,
+            "interventions": normalise(list(interventions or []), "interventions"),
+            "extraction_config": normalise(cfg, "extraction_config"),
+            "other_metadata": normalise(dict(other_metadata or {}), "other_metadata"),
+            "tag": check_tag(tag),
+            "logit_lens": lens_metadata(lens) if lens else None,
+            "distributed": {"dataset": plan.describe(), "batch_size": batch_size, "num_workers": self.num_workers},
+        }
+        _probe_storage(saver)
+        self._ensure_workers()  # first model load happens only after every check above passed
+        meta["model_config"] = self._info["model_config"] if self._info else None
+        writer: RunWriter = saver.writer
+        run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
+                                  ("target_token_positions", "interventions", "extraction_config", "logit_lens",
+                                   "distributed"))
+        if resumed and writer.is_committed(run):
+            n = len(read_marker(writer.store, run_dir(writer.store, run.metadata))["records"])
+            return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), run.url,
+                                  int(plan.n_rows or 0), n, 0, n, 0, time.perf_counter() - t0, True)
+        done = set(writer.committed_parts(run)) if resumed else set()
+        job = {"run": run.to_dict(), "storage": self._storage(saver), "batch_size": batch_size,
+               "target_token_positions": list(target_token_positions),
+               "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
+               "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
+               "tokenizer_kwargs": tokenizer_kwargs, "inject_failure": _inject_failure}
+        job_ref = ray.put(job)  # shared by every task of the run
+        n_parts = 0
+        n_rows = 0
+        pre_skipped = 0
+
+        def parts() -> Iterator[PartitionSpec]:
+            nonlocal n_parts, n_rows, pre_skipped
+            for p in plan.partitions(directions):
+                n_parts, n_rows = n_parts + 1, n_rows + p.rows
+                if p.part_id in done:
+                    pre_skipped += 1
+                    continue
+                yield p
+
+        rows, recomputed, skipped, retried = self._run_parts(
+            lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts)
+        url = self._commit(writer, run, n_parts)
+        return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
+                              recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed)
+
+    @staticmethod
+    def _storage(saver: Any) -> dict[str, Any]:
+        store = saver.store
+        return {"base_dir": store.url(store.root), "storage_options": dict(store.storage_options),
+                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None)}
+
+    def logit_lens(self, run: Any, saver: Any, logit_lens: dict[str, Any], tag: Optional[str] = None,
+                   other_metadata: Optional[dict[str, Any]] = None, run_id: Optional[str] = None,
+                   resume: bool = False) -> DistributedRun:
+        """Run the logit lens on the workers over a stored run; write a new run into ``saver`` (one part per
+        source part, same row order) whose metadata links the source (``metadata["source_run"]``).
+
+        ``run``: a QueryResult (its most recent run), a catalog entry from one, or a run id in ``saver``'s storage.
+        """
+        t0 = time.perf_counter()
+        lens = check_lens_config(logit_lens)
+        if lens is None:
+            raise ConfigError("logit_lens must be given, e.g. {'target_key': 'resid_out_{i}', 'top_k': 5}.")
+        src_store, entry = self._source_entry(run, saver)
+        manifest = read_marker(src_store, run_dir(src_store, entry))
+        records = manifest["records"]
+        n_rows = sum(int(r["rows"]) for r in records)
+        directions = lens["token_directions"]
+        if directions is not None and len(directions) != n_rows:
+            raise ConfigError(f"token_directions has {len(directions)} entries for the run's {n_rows} rows.")
+        _probe_storage(saver)
+        self._ensure_workers()
+        check_same_model(self._info["model_name"] if self._info else self.source.name, entry.get("model_name"))
+        src_meta = manifest["metadata"]
+        meta = {k: src_meta.get(k) for k in ("target_token_positions", "pivot_positions", "interventions",
+                                             "extraction_config", "model_config")}
+        meta.update(other_metadata=normalise(dict(other_metadata or {}), "other_metadata"), tag=check_tag(tag),
+                    logit_lens=lens_metadata(lens),
+                    source_run={"run_id": entry["run_id"], "experiment_name": entry["experiment_name"],
+                                "url": src_store.url(run_dir(src_store, entry))},
+                    distributed={"dataset": {"kind": "stored_run", "n_rows": n_rows, "parts": len(records)},
+                                 "num_workers": self.num_workers})
+        writer: RunWriter = saver.writer
+        new_run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
+                                      ("logit_lens", "source_run", "distributed"))
+        job = {"run": new_run.to_dict(), "storage": self._storage(saver),
+               "logit_lens": {k: v for k, v in lens.items() if k != "token_directions"}}
+        source = {"storage": {"base_dir": src_store.url(src_store.root),
+                              "storage_options": dict(src_store.storage_options)},
+                  "run_dir": run_dir(src_store, entry), "run_id": entry["run_id"]}
+        job_ref, source_ref = ray.put(job), ray.put(source)
+        offsets = [0]
+        for r in records:
+            offsets.append(offsets[-1] + int(r["rows"]))
+
+        def parts() -> Iterator[tuple[int, dict[str, Any]]]:
+            for i, r in enumerate(records):
+                yield i, r
+
+        def submit(w: Any, item: tuple[int, dict[str, Any]]) -> Any:
+            i, rec = item
+            d = None if directions is None else list(directions[offsets[i]:offsets[i + 1]])
+            return w.lens_part.remote(job_ref, source_ref, rec, d)
+
+        rows, recomputed, skipped, retried = self._run_parts(submit, parts(), new_run, None)
+        url = self._commit(writer, new_run, len(records))
+        return DistributedRun(new_run.run_id, new_run.experiment, str(new_run.metadata.get("model_name")), url,
+                              n_rows, len(records), recomputed, skipped, retried, time.perf_counter() - t0, resumed)
+
+    @staticmethod
+    def _source_entry(run: Any, saver: Any) -> tuple[Any, dict[str, Any]]:
+        if hasattr(run, "results") and hasattr(run, "store"):  # a QueryResult: its most recent run
+            if not len(run):
+                raise ConfigError("the QueryResult is empty; query a run to lens first.")
+            return run.store, run[-1]
+        if isinstance(run, dict) and "run_id" in run and "experiment_name" in run:
+            return saver.store, run
+        if isinstance(run, str):
+            found = [e for e in saver.writer.catalog.entries(None) if e["run_id"] == run]
+            if len(found) != 1:
+                raise ConfigError(f"run id {run!r} matches {len(found)} runs in {saver.base_dir}; pass the "
+                                  "QueryResult entry instead.")
+            return saver.store, found[0]
+        raise ConfigError(f"run must be a QueryResult, a catalog entry or a run id, got {type(run).__name__}.")
+
+
+__all__ = ["DistributedExtractor", "DistributedRun"]

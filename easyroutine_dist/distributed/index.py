@@ -1,0 +1,112 @@
+"""MetadataIndex: a named, detached Ray actor that answers ActivationLoader queries for the runs of a cluster.
+
+It wraps one :class:`~easyroutine_dist.storage.catalog.Catalog` per storage root and holds nothing it cannot
+rebuild: its state is the catalog in storage, loaded on first use of a root (after a start or a restart). The
+driver registers each run right after ``commit_run``. ``ActivationLoader.query`` asks it through the storage
+query-provider hook when a cluster is reachable; otherwise (no Ray, no index, the index restarting for longer
+than :data:`QUERY_TIMEOUT_S`, an in-memory store) the loader reads the catalog in storage, which is the same data.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+import ray
+
+from ..storage.catalog import Catalog
+from ..storage.fs import Store, resolve
+from ..storage.providers import register_query_provider
+
+INDEX_NAME = "easyroutine_dist_index"
+INDEX_NAMESPACE = "easyroutine_dist"
+#: seconds a query waits for the index before reading the catalog in storage instead
+QUERY_TIMEOUT_S = 20.0
+
+
+class MetadataIndex:
+    """Catalog entries of every storage root the cluster writes to, served from memory."""
+
+    def __init__(self) -> None:
+        self._catalogs: dict[str, Catalog] = {}
+        self.started_at = time.time()
+        self.registered = 0
+
+    def _catalog(self, base_url: str, storage_options: Optional[dict[str, Any]]) -> Catalog:
+        cat = self._catalogs.get(base_url)
+        if cat is None:  # first use since (re)start: state comes from storage
+            cat = Catalog(resolve(base_url, storage_options))
+            cat.entries()
+            self._catalogs[base_url] = cat
+        return cat
+
+    def entries(self, base_url: str, storage_options: Optional[dict[str, Any]],
+                experiment: Optional[str]) -> list[dict[str, Any]]:
+        """Entries of one experiment (or all with None), oldest first."""
+        return self._catalog(base_url, storage_options).entries(experiment)
+
+    def register(self, base_url: str, storage_options: Optional[dict[str, Any]], entry: dict[str, Any]) -> int:
+        """Note a freshly committed run (its catalog entry is already in storage); returns runs in its experiment."""
+        self.registered += 1
+        return len(self._catalog(base_url, storage_options).entries(entry["experiment_name"]))
+
+    def rebuild(self, base_url: str, storage_options: Optional[dict[str, Any]]) -> int:
+        """Rescan the run markers of a root (``Catalog.rebuild``); returns the number of runs."""
+        return self._catalog(base_url, storage_options).rebuild()
+
+    def status(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "started_at": self.started_at, "roots": sorted(self._catalogs),
+                "registered": self.registered}
+
+
+def store_key(store: Store) -> Optional[str]:
+    """The URL the index knows a store by; None for stores other processes cannot see (memory://)."""
+    if store.protocol == "memory":
+        return None
+    return store.url(store.root)
+
+
+def get_index(create: bool = True) -> Optional[Any]:
+    """The index actor handle (created if missing and ``create``); None when Ray is down or it does not exist."""
+    if not ray.is_initialized():
+        return None
+    if create:
+        return ray.remote(MetadataIndex).options(
+            name=INDEX_NAME, namespace=INDEX_NAMESPACE, lifetime="detached", get_if_exists=True,
+            max_restarts=-1, max_task_retries=-1, num_cpus=0).remote()
+    try:
+        return ray.get_actor(INDEX_NAME, namespace=INDEX_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_TIMEOUT_S) -> bool:
+    """Tell the index about a committed run; False (not an error) when the index cannot be reached."""
+    key = store_key(store)
+    index = get_index(create=True) if key is not None else None
+    if index is None:
+        return False
+    try:
+        ray.get(index.register.remote(key, store.storage_options, entry), timeout=timeout_s)
+        return True
+    except Exception:  # noqa: BLE001 - the catalog in storage already has the run; the index is derived
+        return False
+
+
+def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[dict[str, Any]]]:
+    key = store_key(store)
+    if key is None or not ray.is_initialized():
+        return None
+    index = get_index(create=False)
+    if index is None:
+        return None
+    return ray.get(index.entries.remote(key, store.storage_options, experiment), timeout=QUERY_TIMEOUT_S)
+
+
+def index_reachable() -> bool:
+    """True when Ray is initialised and the named index actor exists."""
+    return get_index(create=False) is not None
+
+
+register_query_provider("ray-metadata-index", _query_provider)

@@ -1,0 +1,110 @@
+"""Where a worker's model comes from: a path/hub id, a ``"module:function"`` factory, or a callable factory.
+
+The driver checks the source (config only, no weights) before any worker starts, so an unknown model fails in
+seconds with a clear error instead of after a cluster has spun up. No Ray here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from ..errors import ConfigError, DistributedError
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A picklable description of how to build the worker's HookedModel.
+
+    ``kind``: ``"pretrained"`` (``HookedModel.from_pretrained(name, **kwargs)``), ``"factory"`` (import
+    ``"module:function"`` and call it with ``**kwargs``) or ``"callable"`` (call ``fn(**kwargs)``).
+    """
+
+    kind: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    fn: Optional[Callable[..., Any]] = None
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    module_name, attr = spec.split(":", 1)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model factory {spec!r}: cannot import module {module_name!r} ({exc}); make it importable "
+                          "on every node (installed package or PYTHONPATH).") from None
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ConfigError(f"model factory {spec!r}: module {module_name!r} has no {attr!r}.")
+    if not callable(obj):
+        raise ConfigError(f"model factory {spec!r} is not callable.")
+    return obj
+
+
+def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]] = None) -> ModelSource:
+    """Check ``model_name`` without loading weights; raise ConfigError / UnsupportedArchitectureError early."""
+    kwargs = dict(model_kwargs or {})
+    if callable(model_name):
+        name = getattr(model_name, "__qualname__", None) or type(model_name).__name__
+        return ModelSource("callable", str(name), kwargs, model_name)
+    if not isinstance(model_name, (str, os.PathLike)) or not str(model_name).strip():
+        raise ConfigError(f"model_name={model_name!r} must be a model path or hub id, a 'module:function' factory, "
+                          "or a callable returning a HookedModel.")
+    name = str(model_name)
+    if _FACTORY_RE.match(name) and not os.path.exists(name):
+        _import_factory(name)
+        return ModelSource("factory", name, kwargs)
+    from transformers import AutoConfig
+
+    from ..architectures import spec_for
+
+    cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+    try:
+        config = AutoConfig.from_pretrained(name, **cfg_kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"unknown model {name!r}: no config found as a local folder or in the hub cache ({exc}). "
+                          "Pass an existing folder saved with save_pretrained, a cached hub id, or a factory.") from None
+    spec_for(config)  # refuses unsupported architectures before any worker loads weights
+    return ModelSource("pretrained", name, kwargs)
+
+
+def _gpu_kwargs(kwargs: dict[str, Any], num_gpus: float) -> dict[str, Any]:
+    """Shard over exactly the GPUs Ray gave this actor (Ray sets CUDA_VISIBLE_DEVICES to them)."""
+    if num_gpus <= 0 or "device_map" in kwargs:
+        return kwargs
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise DistributedError(f"this worker was given {num_gpus} GPU(s) by Ray (CUDA_VISIBLE_DEVICES="
+                               f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch sees no CUDA device; "
+                               "install a CUDA build of torch on the workers or use num_gpus_per_worker=0.")
+    out = dict(kwargs)
+    if n == 1:
+        out["device_map"] = {"": 0}
+    else:
+        # balanced over the visible GPUs only; 10% headroom for activations; no silent CPU offload
+        out["device_map"] = "balanced"
+        out.setdefault("max_memory", {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in range(n)})
+    return out
+
+
+def load_model(source: ModelSource, num_gpus: float = 0) -> Any:
+    """Build the HookedModel a worker holds. Runs inside the worker process."""
+    from ..hooked_model import HookedModel
+
+    kwargs = _gpu_kwargs(source.kwargs, num_gpus)
+    if source.kind == "pretrained":
+        return HookedModel.from_pretrained(source.name, **kwargs)
+    fn = source.fn if source.kind == "callable" else _import_factory(source.name)
+    model = fn(**kwargs)
+    if not isinstance(model, HookedModel):
+        raise ConfigError(f"model factory {source.name!r} returned a {type(model).__name__}; it must return a "
+                          "HookedModel (e.g. HookedModel(hf_model, tokenizer, model_name=...)).")
+    return model

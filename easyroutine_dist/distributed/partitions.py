@@ -1,0 +1,195 @@
+"""Datasets -> deterministic partitions (row ranges), produced lazily, and the workers' tokenisation.
+
+A partition is ``rows [row_start, row_stop)`` of the dataset with the id ``part_id = row_start // partition_size``
+for sized datasets (so the same dataset and ``partition_size`` always give the same ids: resume relies on it).
+What travels to a worker is the partition's *inputs* only: its texts, or its pre-tokenised batches. Activations
+never come back through the driver.
+
+No Ray here: this module is importable (and tested) without a cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..storage.layout import check_part_id
+
+#: the largest number of partitions one run may have (part ids are 5 digits in shard names)
+MAX_PARTITIONS = 100_000
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """One unit of work. Small and picklable: texts (or token-id batches ``[batch, seq]``), never activations.
+
+    ``token_directions``: the logit-lens directions of these rows (one token id or ``(t1, t2)`` per row), if any.
+    """
+
+    part_id: int
+    row_start: int
+    row_stop: int
+    texts: Optional[list[str]] = None
+    batches: Optional[list[dict[str, Any]]] = None
+    token_directions: Optional[list[Any]] = None
+
+    @property
+    def rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+@dataclass
+class DatasetPlan:
+    """What the driver knows about a dataset before running: its kind, size (if sized) and a partition factory."""
+
+    kind: str  # "texts", "hf_dataset", "text_iterable", "token_batches"
+    n_rows: Optional[int]
+    partition_size: int
+    _source: Any = field(repr=False, default=None)
+    text_column: str = "text"
+
+    @property
+    def n_partitions(self) -> Optional[int]:
+        if self.n_rows is None:
+            return None
+        return -(-self.n_rows // self.partition_size)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON description stored in the run metadata (used to refuse resuming with other data)."""
+        return {"kind": self.kind, "n_rows": self.n_rows, "partition_size": self.partition_size,
+                "text_column": self.text_column if self.kind == "hf_dataset" else None}
+
+    def partitions(self, token_directions: Optional[Sequence[Any]] = None) -> Iterator[PartitionSpec]:
+        """Yield the partitions in order, lazily (only one partition's inputs are built at a time)."""
+
+        def dirs(a: int, b: int) -> Optional[list[Any]]:
+            if token_directions is None:
+                return None
+            if len(token_directions) < b:
+                raise ConfigError(f"logit_lens token_directions has {len(token_directions)} entries but the dataset "
+                                  f"has at least {b} rows; give one token id or (t1, t2) pair per row.")
+            return [list(d) if isinstance(d, (tuple, list)) else int(d) for d in token_directions[a:b]]
+
+        ps = self.partition_size
+        if self.kind in ("texts", "hf_dataset"):
+            for pid, start in enumerate(range(0, int(self.n_rows or 0), ps)):
+                stop = min(start + ps, int(self.n_rows or 0))
+                if self.kind == "texts":
+                    texts = [str(t) for t in self._source[start:stop]]
+                else:
+                    texts = [str(t) for t in self._source[start:stop][self.text_column]]
+                yield PartitionSpec(pid, start, stop, texts=texts, token_directions=dirs(start, stop))
+        elif self.kind == "text_iterable":
+            it = iter(self._source)
+            start = 0
+            for pid in itertools.count():
+                chunk = [str(t) for t in itertools.islice(it, ps)]
+                if not chunk:
+                    return
+                check_part_id(pid)
+                yield PartitionSpec(pid, start, start + len(chunk), texts=chunk,
+                                    token_directions=dirs(start, start + len(chunk)))
+                start += len(chunk)
+        else:  # token_batches: whole batches, grouped until a partition holds >= partition_size rows
+            start, pid, group, rows = 0, 0, [], 0
+            for batch in self._source:
+                b = _check_batch(batch, start + rows)
+                group.append(b)
+                rows += int(b["input_ids"].shape[0])
+                if rows >= ps:
+                    yield PartitionSpec(check_part_id(pid), start, start + rows, batches=group,
+                                        token_directions=dirs(start, start + rows))
+                    start, pid, group, rows = start + rows, pid + 1, [], 0
+            if group:
+                yield PartitionSpec(check_part_id(pid), start, start + rows, batches=group,
+                                    token_directions=dirs(start, start + rows))
+
+
+def _check_batch(batch: Any, row: int) -> dict[str, Any]:
+    if not hasattr(batch, "get") or batch.get("input_ids") is None:
+        raise ConfigError(f"the pre-tokenised batch starting at row {row} is a {type(batch).__name__} without "
+                          "'input_ids'; give dicts with 'input_ids' [batch, seq] and 'attention_mask' [batch, seq].")
+    out = {k: batch[k] for k in ("input_ids", "attention_mask", "pivot_positions") if k in batch}
+    ids = torch.as_tensor(out["input_ids"])
+    out["input_ids"] = ids if ids.dim() == 2 else ids.reshape(1, -1)
+    if "attention_mask" in out:
+        out["attention_mask"] = torch.as_tensor(out["attention_mask"]).reshape(out["input_ids"].shape)
+    return out
+
+
+def plan_dataset(dataset: Any, partition_size: int, text_column: str = "text") -> DatasetPlan:
+    """Classify ``dataset`` and check it is usable, without reading more than its first element.
+
+    Accepts a list/tuple of strings, a HF ``datasets.Dataset`` with a text column, an iterable of strings, or an
+    iterable of pre-tokenised batches (dicts with ``input_ids``/``attention_mask`` ``[batch, seq]``).
+    Raises ConfigError for an empty dataset, a bad ``partition_size`` or an unknown element type.
+    """
+    if isinstance(partition_size, bool) or not isinstance(partition_size, int) or partition_size < 1:
+        raise ConfigError(f"partition_size={partition_size!r} must be an int >= 1 (rows per partition), e.g. 256.")
+    if dataset is None or isinstance(dataset, (str, bytes)):
+        raise ConfigError("dataset must be a list of strings, a datasets.Dataset with a text column, or an iterable "
+                          f"of pre-tokenised batches; got {type(dataset).__name__}.")
+    if hasattr(dataset, "column_names") and hasattr(dataset, "select"):  # a HF datasets.Dataset
+        if text_column not in dataset.column_names:
+            raise ConfigError(f"the dataset has no text column {text_column!r} (columns: {dataset.column_names}); "
+                              "pass text_column=<name>.")
+        return _sized(DatasetPlan("hf_dataset", len(dataset), partition_size, dataset, text_column))
+    if isinstance(dataset, (list, tuple)):
+        if not dataset:
+            raise ConfigError("the dataset is empty; pass at least one prompt.")
+        if all(isinstance(x, str) for x in dataset):
+            return _sized(DatasetPlan("texts", len(dataset), partition_size, dataset))
+        if all(hasattr(x, "get") for x in dataset):
+            return DatasetPlan("token_batches", None, partition_size, list(dataset))
+        bad = next(type(x).__name__ for x in dataset if not isinstance(x, str))
+        raise ConfigError(f"the dataset list mixes strings with {bad}; pass only strings (prompts) or only "
+                          "pre-tokenised batches (dicts with input_ids/attention_mask).")
+    try:
+        it = iter(dataset)
+    except TypeError:
+        raise ConfigError(f"dataset of type {type(dataset).__name__} is not iterable; pass a list of strings, a "
+                          "datasets.Dataset or an iterable of pre-tokenised batches.") from None
+    first = next(it, None)
+    if first is None:
+        raise ConfigError("the dataset is empty; pass at least one prompt.")
+    rest = itertools.chain([first], it)
+    if isinstance(first, str):
+        return DatasetPlan("text_iterable", None, partition_size, rest)
+    if hasattr(first, "get"):
+        return DatasetPlan("token_batches", None, partition_size, rest)
+    raise ConfigError(f"dataset elements are {type(first).__name__}; expected strings or dicts with input_ids.")
+
+
+def _sized(plan: DatasetPlan) -> DatasetPlan:
+    if not plan.n_rows:
+        raise ConfigError("the dataset is empty; pass at least one prompt.")
+    if (plan.n_partitions or 0) > MAX_PARTITIONS:
+        raise ConfigError(f"{plan.n_rows} rows in partitions of {plan.partition_size} make {plan.n_partitions} "
+                          f"partitions; at most {MAX_PARTITIONS} are allowed: raise partition_size.")
+    return plan
+
+
+def tokenize_batches(tokenizer: Any, texts: Sequence[str], batch_size: int,
+                     tokenizer_kwargs: Optional[dict[str, Any]] = None) -> list[dict[str, torch.Tensor]]:
+    """Tokenise ``texts`` in batches of ``batch_size`` with left padding.
+
+    Returns ``[{"input_ids": [b, seq], "attention_mask": [b, seq]}, ...]``. The single-process reference of a
+    distributed run is ``hooked.extract_cache(tokenize_batches(tok, texts, batch_size), ...)``.
+    """
+    if tokenizer is None:
+        raise ConfigError("the model has no tokenizer, so text prompts cannot be tokenised; load a model with a "
+                          "tokenizer, or pass pre-tokenised batches (dicts with input_ids/attention_mask).")
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    kw = {"padding": True, "return_tensors": "pt", **(tokenizer_kwargs or {})}
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[i:i + batch_size]), **kw)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+

@@ -1,0 +1,175 @@
+"""ExtractionWorker: the Ray actor that holds one HookedModel and turns partitions into committed parts.
+
+A worker tokenises its partition (left padding), runs ``HookedModel.extract_cache``, optionally reduces the
+activations with the logit lens, writes the part's shards straight to storage (``RunWriter.write_part``) and
+commits it (``RunWriter.commit_part``). It returns only a small record (part id, rows, timings). A part whose
+commit record already exists is never recomputed nor rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any, Optional
+
+from ..errors import ConfigError, StorageError
+from ..storage import layout
+from ..storage.fs import exists, read_bytes
+from ..storage.runs import RunHandle, RunWriter
+from .lensing import apply_lens, needed_keys
+from .models import ModelSource, load_model
+from .partitions import PartitionSpec, tokenize_batches
+
+
+class ExtractionWorker:
+    """Holds one HookedModel (sharded over the GPUs Ray assigned, or on CPU).
+
+    Wrapped with ``ray.remote`` by :class:`DistributedExtractor`; usable as a plain object in-process (tests).
+    """
+
+    def __init__(self, source: ModelSource, num_gpus: float = 0) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        t0 = time.perf_counter()
+        self.model = load_model(source, num_gpus)
+        self.load_seconds = time.perf_counter() - t0
+        self.num_gpus = num_gpus
+        self._writers: dict[str, RunWriter] = {}
+        self._lens: Any = None
+        self.parts_done = 0
+
+    # ------------------------------------------------------------------ introspection
+    def info(self) -> dict[str, Any]:
+        """Small description: model name and shape, process, node, GPUs, where inputs go, load time."""
+        try:
+            import ray
+
+            gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        except Exception:  # noqa: BLE001 - introspection only
+            gpu_ids = []
+        device_map = getattr(self.model.hf_model, "hf_device_map", None)
+        return {"model_name": self.model.model_name, "model_config": self.model.model_config.to_dict(),
+                "pid": os.getpid(), "node": socket.gethostname(), "gpu_ids": gpu_ids,
+                "device": str(self.model.device), "device_map": {str(k): str(v) for k, v in (device_map or {}).items()},
+                "load_seconds": self.load_seconds, "parts_done": self.parts_done}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    # ------------------------------------------------------------------ helpers
+    def _writer(self, storage: dict[str, Any]) -> RunWriter:
+        key = json.dumps([storage["base_dir"], storage.get("max_shard_bytes")], sort_keys=True)
+        if key not in self._writers:  # credentials live in this process' memory only
+            kw = {} if storage.get("max_shard_bytes") is None else {"max_shard_bytes": storage["max_shard_bytes"]}
+            self._writers[key] = RunWriter(storage["base_dir"], storage.get("storage_options"), **kw)
+        return self._writers[key]
+
+    def _get_lens(self) -> Any:
+        if self._lens is None:
+            from ..lens import LogitLens
+
+            self._lens = LogitLens.from_model(self.model)
+        return self._lens
+
+    @staticmethod
+    def _existing(writer: RunWriter, run: RunHandle, part_id: int) -> Optional[dict[str, Any]]:
+        path = writer.store.path(run.rel, layout.record_name(part_id))
+        if not exists(writer.store, path):
+            return None
+        return json.loads(read_bytes(writer.store, path))
+
+    @staticmethod
+    def _maybe_fail(job: dict[str, Any], part_id: int) -> None:
+        """Test hook: die (like a killed process) on the first attempt at one partition."""
+        fail = job.get("inject_failure")
+        if not fail or int(fail["part_id"]) != part_id:
+            return
+        marker = fail["marker"]
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # already failed once: this attempt succeeds
+        os.close(fd)
+        os._exit(1)
+
+    def _finish(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, part_id: int, data: Any,
+                t0: float, rows: int) -> dict[str, Any]:
+        record = writer.write_part(run, part_id, data)
+        self._maybe_fail(job, part_id)  # after the shards, before the commit record: the worst moment to die
+        created = writer.commit_part(run, record)
+        self.parts_done += 1
+        return {"part_id": part_id, "rows": record["rows"] if record["rows"] else rows, "skipped": not created,
+                "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+
+    # ------------------------------------------------------------------ work
+    def extract_part(self, job: dict[str, Any], part: PartitionSpec) -> dict[str, Any]:
+        """Extract, reduce, write and commit one partition; return ``{"part_id", "rows", "skipped", ...}``."""
+        t0 = time.perf_counter()
+        writer = self._writer(job["storage"])
+        run = RunHandle.from_dict(job["run"])
+        done = self._existing(writer, run, part.part_id)
+        if done is not None:
+            return {"part_id": part.part_id, "rows": done["rows"], "skipped": True, "seconds": 0.0,
+                    "pid": os.getpid()}
+        from ..config import ExtractionConfig
+
+        cfg = ExtractionConfig.from_dict(job["extraction_config"])
+        if part.batches is not None:
+            batches = part.batches
+        else:
+            batches = tokenize_batches(self.model.hf_tokenizer, part.texts or [], job["batch_size"],
+                                       job.get("tokenizer_kwargs"))
+        cache = self.model.extract_cache(batches, job["target_token_positions"], extraction_config=cfg,
+                                         interventions=job.get("interventions"))
+        meta = dict(cache.get("metadata") or {})
+        for k in ("n_examples", "n_batches"):  # per-part counts would be wrong for the whole run
+            meta.pop(k, None)
+        cache["metadata"] = meta
+        lens_cfg = job.get("logit_lens")
+        if lens_cfg is not None:
+            lensed = apply_lens(self._get_lens(), cache, lens_cfg, part.token_directions)
+            if not lens_cfg["keep_activations"]:
+                for k in needed_keys(lens_cfg, cache.tensor_keys()):
+                    del cache[k]
+            for k, v in lensed.items():
+                cache[k] = v
+        return self._finish(job, writer, run, part.part_id, cache, t0, part.rows)
+
+    def lens_part(self, job: dict[str, Any], source: dict[str, Any], record: dict[str, Any],
+                  directions: Optional[list[Any]]) -> dict[str, Any]:
+        """Post-hoc logit lens over one committed part of a stored run; writes the same part id in the new run."""
+        t0 = time.perf_counter()
+        from ..cache import ActivationCache
+        from ..storage.shards import read_shard
+
+        writer = self._writer(job["storage"])
+        run = RunHandle.from_dict(job["run"])
+        part_id = int(record["part_id"])
+        done = self._existing(writer, run, part_id)
+        if done is not None:
+            return {"part_id": part_id, "rows": done["rows"], "skipped": True, "seconds": 0.0, "pid": os.getpid()}
+        src_writer = self._writer(source["storage"])
+        lens_cfg = job["logit_lens"]
+        keys = needed_keys(lens_cfg, list(record["keys"]))
+        tensors: dict[str, Any] = {}
+        for sh in record["shards"]:
+            tensors.update(read_shard(src_writer.store, f"{source['run_dir']}/shards/{sh['file']}", sh, keys))
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise StorageError(f"part {part_id} of run {source['run_id']} lacks {missing}; it cannot be lensed.")
+        cache = ActivationCache.from_flat(tensors, {})
+        out = apply_lens(self._get_lens(), cache, lens_cfg, directions)
+        if lens_cfg["keep_activations"]:
+            out = {**{k: tensors[k] for k in keys}, **out}
+        info = {k: v for k, v in record["info"].items() if k in ("mapping_index", "token_dict", "metadata")}
+        flat = ActivationCache.from_flat(out, info)
+        rows = int(next(iter(out.values())).shape[0])
+        return self._finish(job, writer, run, part_id, flat, t0, rows)
+
+
+def check_same_model(worker_model: str, run_model: Any) -> None:
+    """A stored run must be lensed with the model it was extracted with."""
+    if run_model is not None and str(run_model) != str(worker_model):
+        raise ConfigError(f"the run was extracted with model {run_model!r} but the workers hold {worker_model!r}; "
+                          "create a DistributedExtractor with the run's model to lens it.")
