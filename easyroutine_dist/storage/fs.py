@@ -28,6 +28,8 @@ class Store:
     root: str
     protocol: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: local disk only: fsync files before publishing them (survives power loss, not just process crashes)
+    durable: bool = False
 
     @property
     def is_local(self) -> bool:
@@ -83,6 +85,13 @@ def resolve_from_env(storage_options: dict[str, Any] | None = None) -> Store:
     return resolve(base, storage_options)
 
 
+def sync(store: Store, f: Any) -> None:
+    """fsync a local file when the store is durable."""
+    if store.durable and store.is_local:
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_bytes(store: Store, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing/the old object or the whole new one."""
     try:
@@ -92,6 +101,7 @@ def write_bytes(store: Store, path: str, data: bytes) -> None:
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
+                    sync(store, f)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -110,6 +120,7 @@ def create_exclusive(store: Store, path: str, data: bytes) -> bool:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
+                sync(store, f)
             try:
                 os.link(tmp, path)  # atomic and exclusive: whole content or FileExistsError
                 return True

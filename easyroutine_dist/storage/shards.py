@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import CorruptShardError, StorageError
-from .fs import Store, read_bytes
+from .fs import Store, read_bytes, sync
 
 #: default shard size limit: well inside S3's 10,000-part multipart limit at s3fs' default 50 MiB blocks
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -119,6 +119,7 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
                 for i in range(0, len(data), _CHUNK):
                     f.write(data[i:i + _CHUNK])
                 total += len(data)
+            sync(store, f)
         digests = {k: futures[k].result() for k in order}
         if store.is_local:
             os.replace(target, path)

@@ -104,3 +104,37 @@ def test_new_runs_seen_by_existing_loader(local_backend):
     assert len(loader.query()) == 1
     loader.query().remove(0)
     assert len(loader.query()) == 0
+
+
+def test_catalog_snapshot_is_only_a_cache(local_backend):
+    """A new loader reads the compacted snapshot instead of every entry; the listing still decides what exists."""
+    import os
+
+    from easyroutine_dist.storage import Catalog, fs as fsmod
+    from easyroutine_dist.storage.catalog import COMPACT_AFTER
+
+    saver = local_backend.saver("snap")
+    for i in range(COMPACT_AFTER + 2):
+        saver.save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag=str(i))
+    assert len(local_backend.loader("snap").query()) == COMPACT_AFTER + 2  # first query writes the snapshot
+    snap = os.path.join(local_backend.url, "_catalog", "_snapshots", "snap.json")
+    assert os.path.exists(snap)
+    victim = local_backend.loader("snap").query(tag="5")[0]["run_id"]
+    os.unlink(os.path.join(local_backend.url, "_catalog", "snap", f"{victim}.json"))  # stale snapshot now
+    reads = []
+    real = fsmod.read_bytes
+
+    def counting(store, path, *a, **k):
+        reads.append(path)
+        return real(store, path, *a, **k)
+
+    import easyroutine_dist.storage.catalog as catmod
+
+    catmod.read_bytes = counting
+    try:
+        res = local_backend.loader("snap").query()
+    finally:
+        catmod.read_bytes = real
+    assert len(res) == COMPACT_AFTER + 1 and victim not in [e["run_id"] for e in res]
+    assert len(reads) <= 2  # the snapshot, not one read per run
+    assert isinstance(Catalog(saver.store).entries("snap"), list)
