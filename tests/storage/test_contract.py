@@ -147,3 +147,41 @@ def test_query_all_experiments(backend):
     backend.saver("y").save(torch.ones(1), "m", ["last"], None, ExtractionConfig())
     assert len(backend.loader("x").query(experiment_name="*")) == 2
     assert len(backend.loader("x").query(experiment_name="y")) == 1
+
+
+def test_model_object_and_config_summary(backend):
+    class Cfg:
+        def __init__(self) -> None:
+            self.num_hidden_layers = 2
+            self.torch_dtype = torch.float16  # not JSON: dropped from the summary
+            self.hidden_size = 8
+
+    class FakeModel:
+        model_name = "org/fake"
+        model_config = Cfg()
+
+    backend.saver().save(torch.ones(1), FakeModel(), ["last"], None, ExtractionConfig())
+    _, meta = backend.loader().query(model_name="org/fake").load(-1)
+    assert meta["model_config"] == {"num_hidden_layers": 2, "hidden_size": 8}
+
+
+def test_from_env_s3(monkeypatch, s3_bucket_url, s3_endpoint):
+    from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
+
+    monkeypatch.setenv("ACTIVATION_BASE_DIR", s3_bucket_url + "/envroot")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # credentials: AWS_* variables set by the fixture
+    saver = ActivationSaver.from_env("envexp")
+    saver.save(torch.ones(3), "m", ["last"], None, ExtractionConfig(), tag="env")
+    res = ActivationLoader.from_env("envexp").query(tag="env")
+    assert torch.equal(res.load(-1)[0]["activations"], torch.ones(3))
+    assert res.get_paths()[0].startswith(s3_bucket_url + "/envroot/envexp/")
+    monkeypatch.delenv("ACTIVATION_BASE_DIR")
+    with pytest.raises(StorageError):
+        ActivationSaver.from_env()
+
+
+def test_file_url(tmp_path):
+    from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
+
+    ActivationSaver(f"file://{tmp_path}/f", "e").save(torch.ones(1), "m", ["last"], None, ExtractionConfig())
+    assert len(ActivationLoader(str(tmp_path / "f"), "e").query()) == 1
