@@ -20,8 +20,9 @@ import torch
 from ..errors import CorruptShardError, StorageError
 from .fs import Store, read_bytes, sync
 
-#: default shard size limit: well inside S3's 10,000-part multipart limit at s3fs' default 50 MiB blocks
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+#: default shard size limit: well inside S3's 10,000-part multipart limit at s3fs' default 50 MiB blocks, and
+#: the most memory an object-store upload copies at once
+DEFAULT_MAX_SHARD_BYTES = 1024**3
 _CHUNK = 8 * 1024**2
 
 _DTYPES: dict[torch.dtype, str] = {
@@ -40,7 +41,7 @@ def _raw(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, without copying a contiguous cpu tensor."""
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def plan_shards(tensors: dict[str, torch.Tensor], max_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[list[str]]:
@@ -97,7 +98,8 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
     """Write ``tensors`` (contiguous, cpu) as one safetensors file; return its JSON record.
 
     Record: ``{"file", "bytes", "sha256", "header_bytes", "header_sha256", "tensors": {key: sha256}}``.
-    Local files are written to a temporary name and renamed; object stores publish the object on close.
+    Local files are streamed to a temporary name and renamed; object stores get one ``pipe_file`` (the object
+    appears whole when the upload completes).
     """
     # widest dtypes first keeps every tensor aligned to its element size without padding
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
@@ -109,17 +111,21 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
     try:
         if store.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            f = open(target, "wb")
+            with open(target, "wb") as f:
+                f.write(head)
+                for k in order:
+                    data = views[k]
+                    for i in range(0, len(data), _CHUNK):
+                        f.write(data[i:i + _CHUNK])
+                    total += len(data)
+                sync(store, f)
         else:
-            f = store.fs.open(target, "wb")
-        with f:
-            f.write(head)
-            for k in order:
-                data = views[k]
-                for i in range(0, len(data), _CHUNK):
-                    f.write(data[i:i + _CHUNK])
-                total += len(data)
-            sync(store, f)
+            # object stores: one pipe_file (single PUT, or s3fs' concurrent multipart upload for big shards);
+            # the object appears whole when the upload completes
+            blob = b"".join([head, *(views[k] for k in order)])  # one extra copy of one shard, at most max_shard_bytes
+            total = len(blob)
+            store.fs.pipe_file(target, blob)
+            del blob
         digests = {k: futures[k].result() for k in order}
         if store.is_local:
             os.replace(target, path)

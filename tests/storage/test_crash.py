@@ -71,16 +71,12 @@ def test_crash_between_marker_and_catalog_is_repaired_by_rebuild(local_backend, 
 def test_local_shard_write_is_atomic(local_backend, monkeypatch):
     """A crash while streaming a shard leaves no file under the final name."""
     saver = local_backend.saver()
-    real_raw = shards._raw
-    calls = {"n": 0}
 
-    def raw_then_crash(t):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise Boom("crash mid-stream")
-        return real_raw(t)
+    def crash_after_bytes(store, f):
+        f.flush()
+        raise Boom("crash after the bytes, before the rename")
 
-    monkeypatch.setattr(shards, "_raw", raw_then_crash)
+    monkeypatch.setattr(shards, "sync", crash_after_bytes)
     with pytest.raises(Boom):
         saver.save({"a": torch.ones(4), "b": torch.ones(4)}, "m", ["last"], None, ExtractionConfig())
     monkeypatch.undo()
