@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from ..errors import ConfigError, DistributedError, StorageError
 from ..storage.fs import exists, list_names
@@ -27,7 +27,8 @@ from .models import ModelSource, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
 from .worker import ExtractionWorker, check_same_model
 
-_ACTOR_ERRORS = (RayActorError, WorkerCrashedError)
+#: a worker process died or is restarting: the partition is redone (Ray's own retries are off, max_task_retries=0)
+_ACTOR_ERRORS = (RayActorError, ActorUnavailableError, WorkerCrashedError)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,17 @@ class DistributedExtractor:
     def workers_info(self) -> list[dict[str, Any]]:
         """``ExtractionWorker.info()`` of every worker (starts them if needed)."""
         self._ensure_workers()
-        return ray.get([w.info.remote() for w in self._workers])
+        out = []
+        for w in self._workers:
+            for attempt in range(60):  # a worker that is restarting answers once its model is loaded again
+                try:
+                    out.append(ray.get(w.info.remote()))
+                    break
+                except ActorUnavailableError:
+                    time.sleep(0.5)
+            else:
+                raise DistributedError("a worker stayed unavailable for 30 s; see the Ray logs.")
+        return out
 
     @property
     def workers(self) -> list[Any]:

@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from ..storage.catalog import Catalog
 from ..storage.fs import Store, resolve
@@ -98,10 +99,18 @@ def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[di
     key = store_key(store)
     if key is None or not ray.is_initialized():
         return None
-    index = get_index(create=False)
-    if index is None:
-        return None
-    return ray.get(index.entries.remote(key, store.storage_options, experiment), timeout=QUERY_TIMEOUT_S)
+    deadline = time.monotonic() + QUERY_TIMEOUT_S
+    while True:
+        index = get_index(create=False)
+        if index is None:
+            return None
+        try:
+            return ray.get(index.entries.remote(key, store.storage_options, experiment),
+                           timeout=max(0.1, deadline - time.monotonic()))
+        except (ActorUnavailableError, RayActorError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # killed or restarting (max_restarts=-1): ask the new incarnation
 
 
 def index_reachable() -> bool:

@@ -1,0 +1,63 @@
+"""One local Ray cluster per pytest session, a tiny saved model, and a 2-worker extractor reused across tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from easyroutine_dist.config import ExtractionConfig  # noqa: E402
+from easyroutine_dist.distributed import tokenize_batches  # noqa: E402
+
+from .tiny import prompts, save_tiny_model  # noqa: E402
+
+POSITIONS = ["last", -2]
+CONFIG = ExtractionConfig(extract_resid_out=True, save_logits=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": repo, "HF_HUB_OFFLINE": "1",
+                                           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def extractor(ray_cluster, model_dir):
+    from easyroutine_dist.distributed import DistributedExtractor
+
+    ex = DistributedExtractor(model_dir, num_workers=2, num_cpus_per_worker=1)
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hooked_ref(model_dir):
+    """The same model, in the driver, for single-process references."""
+    from easyroutine_dist.hooked_model import HookedModel
+
+    return HookedModel.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def texts() -> list[str]:
+    return prompts(23)
+
+
+def reference(hooked, texts, batch_size=4, positions=POSITIONS, config=CONFIG):
+    """Single-process extract_cache of the same prompts, tokenised the same way."""
+    return hooked.extract_cache(tokenize_batches(hooked.hf_tokenizer, texts, batch_size), positions,
+                                extraction_config=config)

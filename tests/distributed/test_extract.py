@@ -1,0 +1,83 @@
+"""Distributed runs load like single-process runs and equal them; dataset forms; S3; the example."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from easyroutine_dist.storage.api import ActivationLoader, ActivationSaver
+
+from .conftest import CONFIG, POSITIONS, reference
+
+pytestmark = pytest.mark.slow
+
+
+def _check_equal(cache, ref, keys=("resid_out_0", "resid_out_2", "logits")):
+    for k in keys:
+        assert cache[k].shape == ref[k].shape, k
+        assert torch.allclose(cache[k], ref[k], atol=1e-5, rtol=1e-4), k
+    assert cache["token_dict"] == ref["token_dict"]
+
+
+def test_run_equals_single_process_and_iterates_by_part(extractor, hooked_ref, texts, tmp_path):
+    saver = ActivationSaver(tmp_path, experiment_name="dist")
+    res = extractor.extract(texts, POSITIONS, CONFIG, saver, batch_size=4, partition_size=5, tag="t1",
+                            other_metadata={"who": "test"})
+    assert (res.n_rows, res.n_partitions, res.recomputed, res.skipped) == (23, 5, 5, 0)
+    q = ActivationLoader(tmp_path, experiment_name="dist").query(tag="t1", custom_keys={"who": "test"})
+    assert len(q) == 1 and q[0]["run_id"] == res.run_id
+    cache, meta = q.load()
+    _check_equal(cache, reference(hooked_ref, texts))
+    assert meta["model_name"] == hooked_ref.model_name and meta["distributed"]["dataset"]["n_rows"] == 23
+    parts = list(q.iter_parts())
+    assert [p["resid_out_1"].shape[0] for p in parts] == [5, 5, 5, 5, 3]
+    # the same query by extraction config and positions as for single-process runs
+    assert len(ActivationLoader(tmp_path, "dist").query(extraction_config=CONFIG,
+                                                         target_token_positions=POSITIONS)) == 1
+
+
+def test_hf_dataset_text_iterable_and_token_batches(extractor, hooked_ref, texts, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from easyroutine_dist.distributed import tokenize_batches
+
+    ref = reference(hooked_ref, texts)
+    saver = ActivationSaver(tmp_path, experiment_name="forms")
+    batches = tokenize_batches(hooked_ref.hf_tokenizer, texts, 4)
+    for i, data in enumerate([datasets.Dataset.from_dict({"prompt": texts}), iter(texts), batches]):
+        res = extractor.extract(data, POSITIONS, CONFIG, saver, batch_size=3, partition_size=8,
+                                text_column="prompt", tag=f"form{i}")
+        assert res.n_rows == 23
+        cache, _ = ActivationLoader(tmp_path, "forms").query(tag=f"form{i}").load()
+        _check_equal(cache, ref)
+
+
+@pytest.mark.s3
+def test_run_on_s3(extractor, hooked_ref, texts, s3_bucket_url, s3_storage_options):
+    saver = ActivationSaver(f"{s3_bucket_url}/acts", experiment_name="s3run", storage_options=s3_storage_options)
+    res = extractor.extract(texts[:11], POSITIONS, CONFIG, saver, batch_size=4, partition_size=4)
+    assert res.url.startswith("s3://") and res.n_partitions == 3
+    loader = ActivationLoader(f"{s3_bucket_url}/acts", experiment_name="s3run", storage_options=s3_storage_options)
+    cache, _ = loader.query().load()
+    _check_equal(cache, reference(hooked_ref, texts[:11]))
+    # credentials never reach storage
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_storage_options)
+    for path in fs.find(s3_bucket_url.replace("s3://", "")):
+        if path.endswith(".json") or path.endswith("_SUCCESS"):
+            assert s3_storage_options["secret"].encode() not in fs.cat_file(path)
+
+
+def test_example_main(ray_cluster, tmp_path):
+    path = Path(__file__).resolve().parents[2] / "examples" / "distributed_extraction.py"
+    spec = importlib.util.spec_from_file_location("distributed_extraction_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--base-dir", str(tmp_path / "acts"), "--num-prompts", "12", "--num-workers", "1",
+                    "--partition-size", "4"])
+    assert out["n_rows"] == 12 and out["n_partitions"] == 3
+    assert os.path.exists(out["url"])
