@@ -102,9 +102,9 @@ class ActivationSaver:
         layout.model_slug(model_name)
         flat = as_flat(activations)  # refuses non-JSON info before any write
         run = self.writer.begin_run(self.experiment_name, model_name, meta)
-        record = self.writer.write_part(run, 0, flat)
+        record = self.writer.write_part(run, 0, flat, check_committed=False)  # a run id nobody else has
         self.writer.commit_part(run, record)
-        return self.writer.commit_run(run, [record])
+        return self.writer.commit_run(run, [record], verify=False)
 
     def rename_experiment(self, new_experiment_name: str) -> None:
         """Move every committed run of this experiment to ``new_experiment_name`` and switch to it."""
