@@ -138,3 +138,25 @@ def test_catalog_snapshot_is_only_a_cache(local_backend):
     assert len(res) == COMPACT_AFTER + 1 and victim not in [e["run_id"] for e in res]
     assert len(reads) <= 2  # the snapshot, not one read per run
     assert isinstance(Catalog(saver.store).entries("snap"), list)
+
+
+def test_catalog_mtime_fast_path(local_backend):
+    """An unchanged (old) directory mtime skips the listing; any change to the directory is seen."""
+    import os
+    import time
+
+    saver = local_backend.saver("mt")
+    saver.save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag="first")
+    cat_dir = os.path.join(local_backend.url, "_catalog", "mt")
+    old = time.time_ns() - 10_000_000_000
+    os.utime(cat_dir, ns=(old, old))
+    loader = local_backend.loader("mt")
+    assert tags(loader.query()) == ["first"]
+    local_backend.saver("mt").save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag="second")
+    assert tags(loader.query()) == ["first", "second"]  # mtime moved: relisted
+    os.utime(cat_dir, ns=(old, old))
+    assert tags(loader.query()) == ["first", "second"]  # relisted once more (mtime differs from the last seen)
+    local_backend.saver("mt").save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag="third")
+    os.utime(cat_dir, ns=(old, old))  # pretend the change kept the old timestamp: the cached listing is used
+    assert tags(loader.query()) == ["first", "second"]
+    assert tags(local_backend.loader("mt").query()) == ["first", "second", "third"]  # a fresh loader lists
