@@ -133,16 +133,11 @@ class LogitLens:
             raise ConfigError("LogitLens: the unembedding must be a 2-D [vocab, d] matrix.")
         model_type = _config_get(model_config, "model_type")
         spec = REGISTRY.get(model_type) if model_type else None
-        if isinstance(last_layer_norm, torch.nn.Module):
+        if last_layer_norm is None or isinstance(last_layer_norm, torch.nn.Module):
             self.norm_weight = _read_param(last_layer_norm, "weight")
             self.norm_bias = _read_param(last_layer_norm, "bias")
-            mod_eps = getattr(last_layer_norm, "variance_epsilon", None)
-            if mod_eps is None:
-                mod_eps = getattr(last_layer_norm, "eps", None)
+            mod_eps = getattr(last_layer_norm, "variance_epsilon", getattr(last_layer_norm, "eps", None))
             inferred_kind = "layernorm" if isinstance(last_layer_norm, torch.nn.LayerNorm) else None
-        elif last_layer_norm is None:
-            self.norm_weight = self.norm_bias = None
-            mod_eps, inferred_kind = None, None
         else:
             raise ConfigError("LogitLens: last_layer_norm must be the final norm module "
                               f"(hooked.get_last_layernorm()) or None, got {type(last_layer_norm).__name__}.")
@@ -473,13 +468,13 @@ class LogitLens:
                 top_i = torch.empty(n, 0, dtype=torch.long, device=self.device)
                 for v0, v1 in self._vocab_chunks():
                     c = self._logits(h, v0, v1)
-                    new_m = torch.maximum(m, c.max(-1).values)
-                    s = s * (m - new_m).exp() + (c - new_m[:, None]).exp().sum(-1)
-                    m = new_m
-                    cv = torch.cat([top_v, c], 1)
-                    ci = torch.cat([top_i, torch.arange(v0, v1, device=self.device).expand(n, -1)], 1)
+                    cv, ci = c.topk(min(k, c.shape[1]), dim=-1)  # chunk top-k, then merge [n, <= 2k]
+                    cv, ci = torch.cat([top_v, cv], 1), torch.cat([top_i, ci + v0], 1)
                     top_v, pos = cv.topk(min(k, cv.shape[1]), dim=-1)
                     top_i = ci.gather(1, pos)
+                    new_m = torch.maximum(m, top_v[:, 0])  # online logsumexp, exp taken in place
+                    s = s * (m - new_m).exp() + c.sub_(new_m[:, None]).exp_().sum(-1)
+                    m = new_m
                 ids_parts.append(top_i.to(act.device))
                 prob_parts.append((top_v - (m + s.log())[:, None]).exp().to(act.device))
             lead = act.shape[:-1]
