@@ -90,7 +90,7 @@ REGISTRY: dict[str, ArchSpec] = {
         layers="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
         attn="attention", o_proj="attention.dense", input_norm="input_layernorm", attn_out="attention",
         mlp_out="mlp", mid="post_attention_layernorm", qkv_layout="neox", qkv_proj="attention.query_key_value",
-        unembed="embed_out", norm_kind="layernorm", norm_eps_attr="layer_norm_eps",
+        norm_kind="layernorm", norm_eps_attr="layer_norm_eps",
     ),
     "llama": ArchSpec(**_LLAMA_LIKE),
     "mistral": ArchSpec(**_LLAMA_LIKE),

@@ -347,3 +347,10 @@ def test_offloaded_model_gives_identical_activations(tmp_path):
     b = HookedModel(offloaded).forward(random_batch(), ["last", "first"], extraction_config=cfg)
     for key in a.tensor_keys():
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lm_head_and_last_layernorm_are_the_models_own(arch):
+    hm = hooked(arch)
+    assert hm.get_lm_head() is hm.hf_model.get_output_embeddings()
+    assert hm.get_last_layernorm() is hm.hf_model.base_model.get_submodule(hm.spec.final_norm.split(".", 1)[1])
