@@ -8,6 +8,7 @@ partitions queued and the next partition goes to the least loaded live worker as
 from __future__ import annotations
 
 import collections
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -17,8 +18,8 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from ..errors import ConfigError, DistributedError, StorageError
-from ..storage.fs import exists, list_names
-from ..storage.layout import check_tag
+from ..storage.fs import exists, list_names, read_bytes
+from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.query import normalise
 from ..storage.runs import RunHandle, RunWriter, read_marker, run_dir
 from . import index as _index
@@ -36,7 +37,9 @@ class DistributedRun:
     """What ``extract`` returns: where the run is and what this call did.
 
     ``recomputed``: partitions computed by this call; ``skipped``: partitions already committed (resume);
-    ``retried``: partition attempts lost to worker deaths and redone.
+    ``retried``: partition attempts lost to worker deaths and redone. ``worker_seconds``: time spent inside
+    workers (tokenise, forward, lens, write, commit part) summed over partitions; ``commit_seconds``: the driver's
+    run commit (listing part records, writing ``_SUCCESS`` and the catalog entry, registering with the index).
     """
 
     run_id: str
@@ -50,6 +53,8 @@ class DistributedRun:
     retried: int
     seconds: float
     resumed: bool = False
+    worker_seconds: float = 0.0
+    commit_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,15 +203,16 @@ class DistributedExtractor:
 
     # ------------------------------------------------------------------ scheduling
     def _run_parts(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
-                   stop_after: Optional[int]) -> tuple[int, int, int, int]:
-        """Dynamic scheduling; returns ``(rows, recomputed, skipped, retried)``. Parts are opaque here."""
+                   stop_after: Optional[int]) -> tuple[int, int, int, int, float]:
+        """Dynamic scheduling; returns ``(rows, recomputed, skipped, retried, worker_seconds)``."""
         live = list(range(len(self._workers)))
         load = collections.Counter({w: 0 for w in live})
-        deaths: collections.Counter = collections.Counter()
+        recovering: dict[Any, int] = {}  # ping ref -> worker that died or is restarting
         attempts: collections.Counter = collections.Counter()
         retry: collections.deque = collections.deque()
         in_flight: dict[Any, tuple[int, Any]] = {}
         rows = recomputed = skipped = retried = 0
+        busy = 0.0
         exhausted = False
 
         def next_part() -> Any:
@@ -233,35 +239,46 @@ class DistributedExtractor:
                     break
                 in_flight[submit(self._workers[w], part)] = (w, part)
                 load[w] += 1
-            if not in_flight:
-                if not live and (retry or not exhausted):
-                    raise DistributedError(f"run {run.run_id}: every worker died more than "
-                                           f"{self.max_worker_restarts} times; " + resume_hint())
+            work_left = bool(retry) or not exhausted
+            if not in_flight and (not recovering or not work_left):
+                if work_left:
+                    raise DistributedError(f"run {run.run_id}: every worker died and none can restart (max_restarts="
+                                           f"{self.max_worker_restarts}); " + resume_hint())
                 break
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
             ref = done[0]
+            if ref in recovering:  # a worker answered (back in service) or is gone for good
+                w = recovering.pop(ref)
+                try:
+                    ray.get(ref)
+                    live.append(w)
+                except ActorUnavailableError:
+                    time.sleep(0.2)  # still restarting (reloading its model)
+                    recovering[self._workers[w].ping.remote()] = w
+                except _ACTOR_ERRORS:
+                    pass  # restarts exhausted: the worker is dropped
+                continue
             w, part = in_flight.pop(ref)
             load[w] -= 1
             try:
                 res = ray.get(ref)
             except _ACTOR_ERRORS as exc:
-                pid = getattr(part, "part_id", None)
-                if pid is None:
-                    pid = part[1]["part_id"]
+                pid = part.part_id if isinstance(part, PartitionSpec) else part[1]["part_id"]
                 attempts[pid] += 1
-                deaths[w] += 1
                 retried += 1
                 if attempts[pid] >= self.max_part_attempts:
                     raise DistributedError(f"run {run.run_id}: partition {pid} failed {attempts[pid]} times "
                                            f"(last: {exc}); " + resume_hint()) from exc
-                if deaths[w] > self.max_worker_restarts and w in live:
-                    live.remove(w)  # restarts exhausted: its queued parts fail and are retried elsewhere
+                if w in live:  # no new work until it answers a ping; its other queued parts fail the same way
+                    live.remove(w)
+                    recovering[self._workers[w].ping.remote()] = w
                 retry.append(part)
                 continue
             except RayTaskError as exc:
                 raise DistributedError(f"run {run.run_id}: a partition failed on a worker: {exc.cause!r}; fix the "
                                        "cause, then " + resume_hint()) from exc
             rows += int(res["rows"])
+            busy += float(res.get("seconds", 0.0))
             if res["skipped"]:
                 skipped += 1
             else:
@@ -270,19 +287,26 @@ class DistributedExtractor:
                 ray.wait(list(in_flight), num_returns=len(in_flight))  # let queued parts land, like a real crash
                 raise DistributedError(f"run {run.run_id}: stopped after {recomputed} partitions (_stop_after_parts "
                                        "test hook); " + resume_hint())
-        return rows, recomputed, skipped, retried
+        return rows, recomputed, skipped, retried, busy
 
     def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int) -> str:
-        committed = writer.committed_parts(run)
-        if sorted(committed) != list(range(n_parts)):
-            missing = sorted(set(range(n_parts)) - set(committed))
+        """Publish the run once every part has its commit record; register it with the index.
+
+        Only record *names* are listed here; ``commit_run`` reads the records once to build the manifest.
+        """
+        names = list_names(writer.store, writer.store.path(run.rel, "records"))
+        committed = {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".json") and ".tmp-" not in n}
+        if committed != set(range(n_parts)):
+            missing = sorted(set(range(n_parts)) - committed)
             raise DistributedError(f"run {run.run_id}: parts {missing[:20]} are not committed; nothing was published. "
                                    f"Resume with run_id={run.run_id!r}, resume=True.")
         url = writer.commit_run(run)
-        manifest = read_marker(writer.store, run_dir(writer.store, {**run.metadata}))
-        from ..storage.catalog import entry_from_metadata
-
-        _index.register_run(writer.store, entry_from_metadata(run.metadata, manifest))
+        entry_path = writer.store.path(CATALOG_DIR, run.experiment, f"{run.run_id}.json")
+        try:
+            entry = json.loads(read_bytes(writer.store, entry_path))
+        except (StorageError, ValueError):
+            entry = dict(run.metadata)
+        _index.register_run(writer.store, entry)
         return url
 
     def _open(self, writer: RunWriter, experiment: str, meta: dict[str, Any], run_id: Optional[str],
@@ -378,11 +402,13 @@ class DistributedExtractor:
                     continue
                 yield p
 
-        rows, recomputed, skipped, retried = self._run_parts(
+        rows, recomputed, skipped, retried, busy = self._run_parts(
             lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts)
+        tc = time.perf_counter()
         url = self._commit(writer, run, n_parts)
+        tc = time.perf_counter() - tc
         return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
-                              recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed)
+                              recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed, busy, tc)
 
     @staticmethod
     def _storage(saver: Any) -> dict[str, Any]:
@@ -443,10 +469,13 @@ class DistributedExtractor:
             d = None if directions is None else list(directions[offsets[i]:offsets[i + 1]])
             return w.lens_part.remote(job_ref, source_ref, rec, d)
 
-        rows, recomputed, skipped, retried = self._run_parts(submit, parts(), new_run, None)
+        rows, recomputed, skipped, retried, busy = self._run_parts(submit, parts(), new_run, None)
+        tc = time.perf_counter()
         url = self._commit(writer, new_run, len(records))
+        tc = time.perf_counter() - tc
         return DistributedRun(new_run.run_id, new_run.experiment, str(new_run.metadata.get("model_name")), url,
-                              n_rows, len(records), recomputed, skipped, retried, time.perf_counter() - t0, resumed)
+                              n_rows, len(records), recomputed, skipped, retried, time.perf_counter() - t0, resumed,
+                              busy, tc)
 
     @staticmethod
     def _source_entry(run: Any, saver: Any) -> tuple[Any, dict[str, Any]]:
