@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from .partitions import PartitionSpec, plan_dataset
 from .worker import ExtractionWorker, check_same_model
 
 #: a worker process died or is restarting: the partition is redone (Ray's own retries are off, max_task_retries=0)
+_LOG = logging.getLogger(__name__)
 _ACTOR_ERRORS = (RayActorError, ActorUnavailableError, WorkerCrashedError)
 
 
@@ -378,6 +380,8 @@ class DistributedExtractor:
         run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                   ("target_token_positions", "interventions", "extraction_config", "logit_lens",
                                    "distributed"))
+        _LOG.warning("run %s %s at %s (resume it with run_id=%r, resume=True if this driver dies)", run.run_id,
+                     "resumed" if resumed else "started", run.url, run.run_id)
         if resumed and writer.is_committed(run):
             n = len(read_marker(writer.store, run_dir(writer.store, run.metadata))["records"])
             return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), run.url,

@@ -48,7 +48,10 @@ def _import_factory(spec: str) -> Callable[..., Any]:
 
 
 def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]] = None) -> ModelSource:
-    """Check ``model_name`` without loading weights; raise ConfigError / UnsupportedArchitectureError early."""
+    """Check ``model_name`` without loading weights; raise ConfigError / UnsupportedArchitectureError early.
+
+    ``"smollm2"`` names the embedded SmolLM2-135M GGUF model (``easyroutine_dist.models.resolve_model``).
+    """
     kwargs = dict(model_kwargs or {})
     if callable(model_name):
         name = getattr(model_name, "__qualname__", None) or type(model_name).__name__
@@ -57,6 +60,9 @@ def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]]
         raise ConfigError(f"model_name={model_name!r} must be a model path or hub id, a 'module:function' factory, "
                           "or a callable returning a HookedModel.")
     name = str(model_name)
+    from ..models import resolve_model  # short names ("smollm2": the embedded GGUF model) -> folder + kwargs
+
+    name, kwargs = resolve_model(name, kwargs)
     if _FACTORY_RE.match(name) and not os.path.exists(name):
         _import_factory(name)
         return ModelSource("factory", name, kwargs)
