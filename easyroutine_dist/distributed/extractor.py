@@ -322,8 +322,14 @@ class DistributedExtractor:
         except StorageError as exc:
             raise ConfigError(f"cannot resume run {run_id!r}: it was never begun in experiment {experiment!r} for "
                               f"model {model_name!r} ({exc}).") from None
-        want = normalise({k: meta.get(k) for k in compare})
-        have = {k: run.metadata.get(k) for k in compare}
+        def same_work(m: dict[str, Any]) -> dict[str, Any]:  # the worker count may change between attempts
+            out = {k: m.get(k) for k in compare}
+            if isinstance(out.get("distributed"), dict):
+                out["distributed"] = {k: v for k, v in out["distributed"].items() if k != "num_workers"}
+            return out
+
+        want = normalise(same_work(meta))
+        have = same_work(run.metadata)
         diff = sorted(k for k in compare if want.get(k) != have.get(k))
         if diff:
             raise ConfigError(f"cannot resume run {run_id}: {diff} differ from the stored run; resume with the same "
@@ -380,7 +386,7 @@ class DistributedExtractor:
         run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                   ("target_token_positions", "interventions", "extraction_config", "logit_lens",
                                    "distributed"))
-        _LOG.warning("run %s %s at %s (resume it with run_id=%r, resume=True if this driver dies)", run.run_id,
+        _LOG.info("run %s %s at %s (resume it with run_id=%r, resume=True if this driver dies)", run.run_id,
                      "resumed" if resumed else "started", run.url, run.run_id)
         if resumed and writer.is_committed(run):
             n = len(read_marker(writer.store, run_dir(writer.store, run.metadata))["records"])
