@@ -221,9 +221,24 @@ class ActivationLoader:
         scope = None if exp == ALL_EXPERIMENTS else exp
         entries = provided_entries(self.store, scope)  # e.g. the Ray index actor, when a cluster is reachable
         if entries is None:
-            entries = self.catalog.entries(scope)
+            entries = self._indexed(scope, crit)
         pred = compile_criteria(crit)
         return QueryResult(self.store, self.catalog, [e for e in entries if pred(e)])
+
+    def _indexed(self, scope: Optional[str], crit: dict[str, Any]) -> list[dict[str, Any]]:
+        """Candidate entries: from the catalog's equality index on one exact criterion when there is one."""
+        if scope is not None:
+            found = None
+            if "tag" in crit:
+                found = self.catalog.lookup(scope, "tag", crit["tag"])
+            elif crit.get("custom_keys"):
+                key, value = next(iter(crit["custom_keys"].items()))
+                found = self.catalog.lookup(scope, "other_metadata", value, subkey=key)
+            elif "model_name" in crit:
+                found = self.catalog.lookup(scope, "model_name", crit["model_name"])
+            if found is not None:
+                return found
+        return self.catalog.entries(scope)
 
     def rebuild_catalog(self) -> int:
         """Rebuild the catalog from the run markers in storage; returns the number of runs found."""

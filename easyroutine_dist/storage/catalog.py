@@ -37,6 +37,8 @@ class Catalog:
         self._snap_loaded: set[str] = set()
         # experiment -> (listed names, sorted entries, directory mtime before listing, listing time)
         self._listing: dict[str, tuple[list[str], list[dict[str, Any]], int | None, int]] = {}
+        # experiment -> (the sorted entry list it was built from, {(field, subkey): {json value: entries}})
+        self._index: dict[str, tuple[list[dict[str, Any]], dict[tuple[str, str | None], dict[str, list]]]] = {}
 
     # ------------------------------------------------------------------ paths
     def _dir(self, experiment: str) -> str:
@@ -76,8 +78,33 @@ class Catalog:
         out: list[dict[str, Any]] = []
         for exp in exps:
             out.extend(self._refresh(exp))
-        out.sort(key=lambda e: (e.get("saved_at_unix", 0.0), e["run_id"]))
+        out.sort(key=_order)
         return out
+
+    def lookup(self, experiment: str, field: str, value: Any,
+               subkey: str | None = None) -> list[dict[str, Any]] | None:
+        """Entries of ``experiment`` whose ``field`` (or ``field[subkey]``) == ``value`` (a str/number/None).
+
+        Served from an equality index built on first use and extended as runs are added, so repeated queries on a
+        large experiment cost O(matches), not O(runs). Returns None for values the index does not cover (lists,
+        dicts): filter ``entries()`` then.
+        """
+        if _ikey(value) is _UNINDEXABLE:
+            return None
+        current = self._refresh(layout.check_experiment(experiment))
+        with self._lock:
+            state = self._index.get(experiment)
+            if state is None or state[0] is not current:
+                state = (current, {})
+                self._index[experiment] = state
+            table = state[1].get((field, subkey))
+        if table is None:
+            table = {}
+            _index_into(table, current, field, subkey)
+            with self._lock:
+                state[1][(field, subkey)] = table
+        found = table.get(_ikey(value), [])
+        return sorted(found, key=_order) if len(found) > 1 else list(found)
 
     def rebuild(self) -> int:
         """Rescan every run marker in storage and rewrite the catalog from them; returns the number of runs."""
@@ -132,6 +159,7 @@ class Catalog:
             if last is not None and last[0] == names:
                 self._listing[exp] = (names, last[1], mtime, listed_at)
                 return last[1]  # directory unchanged since the last query: reuse the sorted entries
+            last = self._listing.get(exp)
             cache = self._cache.setdefault(exp, {})
             wanted = [n for n in names if n.endswith(".json") and ".tmp-" not in n]
             missing = [n for n in wanted if n not in cache]
@@ -150,11 +178,29 @@ class Catalog:
                 continue  # entries are written whole; an unreadable foreign file is not a run
         with self._lock:
             cache.update(fresh)
-            listed = set(wanted)
-            for gone in [n for n in cache if n not in listed]:
-                del cache[gone]
-            current = sorted((cache[n] for n in wanted if n in cache),
-                             key=lambda e: (e.get("saved_at_unix", 0.0), e["run_id"]))
+            prev = last[1] if last is not None else None
+            # every listed name known and nothing else cached => the listing is exactly prev + fresh
+            grew = len(fresh) == len(missing) and len(cache) == len(wanted) == len(prev or ()) + len(fresh)
+            if prev is not None and grew:
+                # only additions since the last listing (the usual case): extend instead of re-sorting everything
+                new = sorted(fresh.values(), key=_order)
+                if new and prev and _order(new[0]) < _order(prev[-1]):
+                    current = sorted(prev + new, key=_order)
+                else:
+                    current = prev + new
+                state = self._index.get(exp)
+                if state is not None and state[0] is prev:
+                    tables = {}
+                    for (field, sub), table in state[1].items():
+                        grown = dict(table)
+                        _index_into(grown, new, field, sub, copy_lists=True)
+                        tables[(field, sub)] = grown
+                    self._index[exp] = (current, tables)
+            else:
+                listed = set(wanted)
+                for gone in [n for n in cache if n not in listed]:
+                    del cache[gone]
+                current = sorted((cache[n] for n in wanted if n in cache), key=_order)
             if len(current) == len(wanted):  # every listed entry is known: safe to reuse for this listing
                 self._listing[exp] = (names, current, mtime, listed_at)
             snapshot = dict(cache) if len(fresh) >= COMPACT_AFTER else None
@@ -174,6 +220,37 @@ class Catalog:
             write_bytes(self.store, self._snapshot_path(exp), json.dumps({"entries": entries}).encode())
         except StorageError:
             pass  # the snapshot is a cache; failing to write it costs speed only
+
+
+_UNINDEXABLE = object()
+
+
+def _order(entry: dict[str, Any]) -> tuple[float, str]:
+    return entry.get("saved_at_unix", 0.0), entry["run_id"]
+
+
+def _ikey(value: Any) -> Any:
+    """Index key: scalars index as themselves (so 1 == 1.0 == True, like the query's ``==``)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return _UNINDEXABLE
+
+
+def _index_into(table: dict[Any, list], entries: list[dict[str, Any]], field: str, subkey: str | None,
+                copy_lists: bool = False) -> None:
+    for e in entries:
+        v = e.get(field)
+        if subkey is not None:
+            if not isinstance(v, dict) or subkey not in v:
+                continue
+            v = v[subkey]
+        k = _ikey(v)
+        if k is _UNINDEXABLE:
+            continue  # a list/dict never equals a scalar query value
+        if copy_lists:
+            table[k] = [*table.get(k, ()), e]
+        else:
+            table.setdefault(k, []).append(e)
 
 
 def entry_from_metadata(metadata: dict[str, Any], manifest: dict[str, Any] | None = None) -> dict[str, Any]:

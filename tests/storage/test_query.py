@@ -160,3 +160,49 @@ def test_catalog_mtime_fast_path(local_backend):
     os.utime(cat_dir, ns=(old, old))  # pretend the change kept the old timestamp: the cached listing is used
     assert tags(loader.query()) == ["first", "second"]
     assert tags(local_backend.loader("mt").query()) == ["first", "second", "third"]  # a fresh loader lists
+
+
+def test_index_follows_new_and_removed_runs(local_backend):
+    loader = local_backend.loader("ix")
+    saver = local_backend.saver("ix")
+    saver.save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), {"b": 1}, tag="x")
+    assert len(loader.query(tag="x")) == 1 and len(loader.query(custom_keys={"b": 1})) == 1
+    local_backend.saver("ix").save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), {"b": 1}, tag="x")
+    assert len(loader.query(tag="x")) == 2 and len(loader.query(custom_keys={"b": 1}, model_name="m")) == 2
+    local_backend.loader("ix").query(tag="x").remove(0)
+    assert len(loader.query(tag="x")) == 1 and len(loader.query(model_name="m")) == 1
+    assert len(loader.query(custom_keys={"b": 2})) == 0 and len(loader.query(tag="y")) == 0
+
+
+def test_indexed_queries_equal_brute_force(local_backend):
+    """The catalog's incremental index answers exactly what filtering every entry with ``matches`` answers."""
+    import random
+
+    from easyroutine_dist.storage import Catalog, layout
+    from easyroutine_dist.storage.query import build_criteria, matches
+
+    rng = random.Random(0)
+    saver = local_backend.saver("bf")
+    writer_catalog = Catalog(saver.store)  # another writer: the loader sees its entries only through storage
+    loader = local_backend.loader("bf")
+    entries = []
+    for step in range(6):
+        for _ in range(15):
+            run_id, save_time, t = layout.new_run_id(rng.uniform(1.6e9, 1.7e9))  # out of order on purpose
+            e = {"run_id": run_id, "experiment_name": "bf", "model_name": rng.choice(["a", "b", None]),
+                 "save_time": save_time, "saved_at_unix": t, "tag": rng.choice(["x", "y", None]),
+                 "other_metadata": {"k": rng.choice([1, 2, "1", [1]]), **({"j": 1} if rng.random() < .5 else {})},
+                 "extraction_config": {}, "interventions": [], "target_token_positions": ["last"],
+                 "pivot_positions": None}
+            writer_catalog.add(e)
+            entries.append(e)
+        if step == 3:
+            gone = entries.pop(rng.randrange(len(entries)))
+            writer_catalog.discard("bf", gone["run_id"])
+        for kw in ({"tag": "x"}, {"tag": "y", "model_name": "a"}, {"custom_keys": {"k": 1}},
+                   {"custom_keys": {"k": [1]}}, {"custom_keys": {"k": "1", "j": 1}}, {"model_name": "b"}, {}):
+            crit = build_criteria(**kw)
+            want = sorted((e["run_id"] for e in entries if matches(e, crit)))
+            got = [e["run_id"] for e in loader.query(**kw)]
+            assert got == sorted(got, key=lambda r: [x for x in entries if x["run_id"] == r][0]["saved_at_unix"])
+            assert sorted(got) == want, kw
