@@ -153,7 +153,13 @@ def main() -> None:
     ap.add_argument("--no-s3", action="store_true")
     args = ap.parse_args()
     reps = 3 if args.quick else 7
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus\n")
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus")
+    import hashlib
+
+    buf = os.urandom(128 * 2**20)
+    t = time.perf_counter()
+    hashlib.sha256(buf).digest()
+    print(f"sha256 on one core: {128 / (time.perf_counter() - t):.0f} MB/s\n")
     print("| backend | MB | raw pipe_file MB/s | save MB/s | ratio |\n|---|---|---|---|---|")
     tmp = tempfile.mkdtemp(prefix="bench-w-")
     r = bench_write(tmp, None, 64 if args.quick else 256, reps)
