@@ -11,7 +11,10 @@ import torch
 from ..errors import ConfigError
 from ..lens import LogitLens, final_norm, match_keys
 
-__all__ = ["LogitLens", "final_norm", "lens_table", "lens_topk_grid", "match_keys", "plot_lens_heatmap"]
+__all__ = ["LogitLens", "final_norm", "lens_table", "lens_topk_grid", "match_keys", "plot_lens_heatmap",
+           "stored_topk_grid"]
+
+Grid = tuple[list[str], torch.Tensor, torch.Tensor]
 
 
 def _layer_of(key: str) -> int:
@@ -40,16 +43,40 @@ def lens_topk_grid(lens: LogitLens, activations: Any, target_key: str = "resid_o
     return keys, torch.stack(ids), torch.stack(probs)
 
 
-def lens_table(lens: LogitLens, activations: Any, target_key: str = "resid_out_{i}", k: int = 5,
-               example: int = 0, tokenizer: Any = None, apply_norm: bool = True, as_rich: bool = False) -> Any:
+def stored_topk_grid(cache: Any, target_key: str = "resid_out_{i}", example: int = 0,
+                     positions: Optional[Sequence[int]] = None) -> Grid:
+    """The same grid as ``lens_topk_grid``, read from lens results stored in a run by the distributed workers
+    (``logit_lens_<key>_topk_ids`` / ``_topk_probs`` ``[rows, P, k]``): keys by layer, ids and probs
+    ``[n_keys, P, k]`` of one example, optionally only the given slots of the position axis."""
+    suffix = "_topk_ids"
+    stored = [k[len("logit_lens_"):-len(suffix)] for k in cache.keys()
+              if k.startswith("logit_lens_") and k.endswith(suffix)]
+    keys = match_keys(stored, target_key)
+    if not keys:
+        raise ConfigError(f"no stored lens results match {target_key!r}; run the extraction with "
+                          "logit_lens={'target_key': ..., 'top_k': k} (stored: "
+                          f"{sorted(stored) or 'none'}).")
+    ids = torch.stack([cache[f"logit_lens_{k}_topk_ids"][example] for k in keys])
+    probs = torch.stack([cache[f"logit_lens_{k}_topk_probs"][example] for k in keys])
+    if positions is not None:
+        ids, probs = ids[:, list(positions)], probs[:, list(positions)]
+    return keys, ids, probs
+
+
+def lens_table(lens: Optional[LogitLens], activations: Any, target_key: str = "resid_out_{i}", k: int = 5,
+               example: int = 0, tokenizer: Any = None, apply_norm: bool = True, as_rich: bool = False,
+               grid: Optional[Grid] = None) -> Any:
     """Top-k lens tokens per layer and position of one example.
 
     Returns a list of dicts ``{"key", "layer", "position", "ids", "tokens", "probs"}`` (one per key and slot of
     the position axis, in layer order), or a ``rich.table.Table`` if ``as_rich``. ``tokenizer`` defaults to the
-    lens's (set by ``LogitLens.from_model``); without one, token ids are shown.
+    lens's (set by ``LogitLens.from_model``); without one, token ids are shown. ``grid`` (e.g. from
+    ``stored_topk_grid``) replaces the computation, and then ``lens`` may be None.
     """
-    tokenizer = tokenizer if tokenizer is not None else lens.tokenizer
-    keys, ids, probs = lens_topk_grid(lens, activations, target_key, k, example, apply_norm)
+    if tokenizer is None and lens is not None:
+        tokenizer = lens.tokenizer
+    keys, ids, probs = grid if grid is not None else lens_topk_grid(lens, activations, target_key, k, example,
+                                                                    apply_norm)
     rows = []
     for key, kid, kprob in zip(keys, ids, probs):
         for pos in range(kid.shape[0]):
@@ -60,8 +87,9 @@ def lens_table(lens: LogitLens, activations: Any, target_key: str = "resid_out_{
         return rows
     from rich.table import Table
 
-    table = Table(title=f"logit lens of {target_key} ({lens.model_name}), example {example}")
-    for col in ("key", "pos", *[f"top{j + 1}" for j in range(k)]):
+    name = lens.model_name if lens is not None else "stored"
+    table = Table(title=f"logit lens of {target_key} ({name}), example {example}")
+    for col in ("key", "pos", *[f"top{j + 1}" for j in range(ids.shape[-1])]):
         table.add_column(col)
     for r in rows:
         table.add_row(r["key"], str(r["position"]),
@@ -69,16 +97,20 @@ def lens_table(lens: LogitLens, activations: Any, target_key: str = "resid_out_{
     return table
 
 
-def plot_lens_heatmap(lens: LogitLens, activations: Any, path: str | Path, target_key: str = "resid_out_{i}",
-                      example: int = 0, tokenizer: Any = None, position_labels: Optional[Sequence[str]] = None,
-                      title: Optional[str] = None, apply_norm: bool = True) -> str:
+def plot_lens_heatmap(lens: Optional[LogitLens], activations: Any, path: str | Path,
+                      target_key: str = "resid_out_{i}", example: int = 0, tokenizer: Any = None,
+                      position_labels: Optional[Sequence[str]] = None, title: Optional[str] = None,
+                      apply_norm: bool = True, grid: Optional[Grid] = None) -> str:
     """Write a PNG heatmap (rows: keys/layers, columns: positions; colour: top-1 probability, text: top-1 token)
-    of one example to ``path`` (parent folders created) and return ``path``. Uses the Agg canvas only."""
+    of one example to ``path`` (parent folders created) and return ``path``. Uses the Agg canvas only.
+    ``grid`` (e.g. from ``stored_topk_grid``) replaces the computation, and then ``lens`` may be None."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tokenizer = tokenizer if tokenizer is not None else lens.tokenizer
-    keys, ids, probs = lens_topk_grid(lens, activations, target_key, 1, example, apply_norm)
+    if tokenizer is None and lens is not None:
+        tokenizer = lens.tokenizer
+    keys, ids, probs = grid if grid is not None else lens_topk_grid(lens, activations, target_key, 1, example,
+                                                                    apply_norm)
     top_p = probs[..., 0].float().cpu().numpy()
     n_keys, n_pos = top_p.shape
     if position_labels is not None and len(position_labels) != n_pos:
@@ -97,7 +129,8 @@ def plot_lens_heatmap(lens: LogitLens, activations: Any, path: str | Path, targe
                   fontsize=7, rotation=45)
     ax.set_xlabel("position")
     ax.set_ylabel("activation")
-    ax.set_title(title or f"logit lens top-1 token and probability ({lens.model_name})", fontsize=9)
+    name = lens.model_name if lens is not None else "stored run"
+    ax.set_title(title or f"logit lens top-1 token and probability ({name})", fontsize=9)
     fig.colorbar(im, ax=ax, label="top-1 probability")
     fig.tight_layout()
     path = Path(path)
