@@ -81,3 +81,18 @@ def test_example_main(ray_cluster, tmp_path):
                     "--partition-size", "4"])
     assert out["n_rows"] == 12 and out["n_partitions"] == 3
     assert os.path.exists(out["url"])
+
+
+@pytest.mark.parametrize("form", ["module:function", "callable"])
+def test_model_factory_in_workers(ray_cluster, hooked_ref, texts, tmp_path, form):
+    from easyroutine_dist.distributed import DistributedExtractor
+
+    from .tiny import tiny_hooked
+
+    source = "tests.distributed.tiny:tiny_hooked" if form == "module:function" else tiny_hooked
+    saver = ActivationSaver(tmp_path, experiment_name="factory")
+    with DistributedExtractor(source, num_workers=1) as ex:
+        res = ex.extract(texts[:7], POSITIONS, CONFIG, saver, batch_size=4, partition_size=4)
+    assert res.model_name == "tiny-llama-factory" and res.n_partitions == 2
+    cache, meta = ActivationLoader(tmp_path, "factory").query(model_name="tiny-llama-factory").load()
+    _check_equal(cache, reference(hooked_ref, texts[:7]))

@@ -39,3 +39,11 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 
     rng = random.Random(seed)
     return ["".join(rng.choice(CHARS[:27]) for _ in range(rng.randint(3, 20))) for _ in range(n)]
+
+
+def tiny_hooked(**_: object):
+    """Model factory for workers (``"tests.distributed.tiny:tiny_hooked"``): the same tiny llama, built in memory."""
+    from easyroutine_dist.hooked_model import HookedModel
+    from tests.models import tiny_model
+
+    return HookedModel(tiny_model("llama"), char_tokenizer(), model_name="tiny-llama-factory")
