@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DistributedError, StorageError
 from ..storage.fs import exists, list_names, read_bytes
@@ -205,8 +206,15 @@ class DistributedExtractor:
 
     # ------------------------------------------------------------------ scheduling
     def _run_parts(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
-                   stop_after: Optional[int]) -> tuple[int, int, int, int, float]:
-        """Dynamic scheduling; returns ``(rows, recomputed, skipped, retried, worker_seconds)``."""
+                   stop_after: Optional[int], total_rows: Optional[int] = None) -> tuple[int, int, int, int, float]:
+        """Dynamic scheduling; returns ``(rows, recomputed, skipped, retried, worker_seconds)``.
+
+        A progress bar counts committed rows (rows/s and ETA when ``total_rows`` is known)."""
+        with tqdm(total=total_rows, desc=f"run {run.run_id}", unit="rows", disable=None, dynamic_ncols=True) as bar:
+            return self._schedule(submit, parts, run, stop_after, bar)
+
+    def _schedule(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
+                  stop_after: Optional[int], bar: Any) -> tuple[int, int, int, int, float]:
         live = list(range(len(self._workers)))
         load = collections.Counter({w: 0 for w in live})
         recovering: dict[Any, int] = {}  # ping ref -> worker that died or is restarting
@@ -280,6 +288,7 @@ class DistributedExtractor:
                 raise DistributedError(f"run {run.run_id}: a partition failed on a worker: {exc.cause!r}; fix the "
                                        "cause, then " + resume_hint()) from exc
             rows += int(res["rows"])
+            bar.update(int(res["rows"]))
             busy += float(res.get("seconds", 0.0))
             if res["skipped"]:
                 skipped += 1
@@ -413,7 +422,7 @@ class DistributedExtractor:
                 yield p
 
         rows, recomputed, skipped, retried, busy = self._run_parts(
-            lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts)
+            lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts, plan.n_rows)
         tc = time.perf_counter()
         url = self._commit(writer, run, n_parts)
         tc = time.perf_counter() - tc
