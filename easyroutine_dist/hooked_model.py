@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
@@ -15,6 +16,8 @@ from .errors import ConfigError
 from .extraction import Extractor, Gathered, check_config, reduce_patterns, reduce_positions
 from .intervention_spec import Intervention
 from .positions import resolve_positions, spec_key, validate_specs
+
+logger = logging.getLogger(__name__)
 
 
 class HookedModel:
@@ -53,8 +56,12 @@ class HookedModel:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         tok_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
-        if tokenizer.pad_token is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+        except (OSError, ValueError, TypeError) as exc:  # a weights-only folder: inputs must then be token ids
+            logger.warning("no tokenizer found for %s (%s); pass input_ids to forward", name_or_path, exc)
+            tokenizer = None
+        if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         gguf = hf_kwargs.get("gguf_file")
         name = str(gguf).rsplit(".gguf", 1)[0] if gguf else str(name_or_path)

@@ -354,3 +354,65 @@ def test_lm_head_and_last_layernorm_are_the_models_own(arch):
     hm = hooked(arch)
     assert hm.get_lm_head() is hm.hf_model.get_output_embeddings()
     assert hm.get_last_layernorm() is hm.hf_model.base_model.get_submodule(hm.spec.final_norm.split(".", 1)[1])
+
+
+def test_from_pretrained_passes_device_map_and_dtype_through(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("qwen2").save_pretrained(tmp_path / "m")
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    hm = HookedModel.from_pretrained(str(tmp_path / "m"), device_map="auto", dtype="bfloat16",
+                                     max_memory={"cpu": "2GiB"}, attn_implementation="eager")
+    assert seen["device_map"] == "auto" and seen["dtype"] == torch.bfloat16
+    assert seen["max_memory"]["cpu"] in ("2GiB", 2 * 1024**3)  # transformers normalises it in place
+    assert hm.hf_model.dtype == torch.bfloat16 and hm.model_config.num_key_value_heads == 2
+    assert hm.hf_model.config._attn_implementation == "eager"
+    ref = hooked("qwen2").forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    got = hm.forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    assert got["resid_out_2"].dtype == torch.bfloat16
+    torch.testing.assert_close(got["resid_out_2"].float(), ref["resid_out_2"], rtol=0.1, atol=0.1)
+
+
+def test_from_pretrained_refuses_unknown_architecture_before_loading_weights(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("mixtral", vocab_size=32, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=16).save_pretrained(tmp_path / "moe")
+    with pytest.raises(UnsupportedArchitectureError, match="mixtral"):
+        HookedModel.from_pretrained(str(tmp_path / "moe"))  # no weights in the folder: would fail later otherwise
+
+
+def test_extract_cache_accepts_a_dataloader():
+    from torch.utils.data import DataLoader
+
+    hm = hooked("llama")
+    batches = [random_batch(2, 5, seed=s) for s in range(3)]
+    loader = DataLoader(batches, batch_size=None)
+    cache = hm.extract_cache(loader, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    assert cache["resid_out_0"].shape == (6, 1, 32) and cache["metadata"]["n_batches"] == 3
+
+
+def test_predict_and_generate():
+    hm = hooked("llama")
+    hm.hf_tokenizer = type("Tok", (), {"decode": staticmethod(lambda ids: f"<{ids[0]}>"), "pad_token_id": 0,
+                                       "eos_token_id": 2})()
+    try:
+        x = {"input_ids": torch.tensor([[5, 6, 7]])}
+        probs = hm.predict(k=3, inputs=x)
+        with torch.no_grad():
+            logits = hm.hf_model(**x).logits[0, -1].softmax(-1)
+        top = logits.topk(3)
+        assert list(probs) == [f"<{int(i)}>" for i in top.indices]
+        assert list(probs.values()) == pytest.approx(top.values.tolist(), rel=1e-5)
+        out = hm.generate(x, max_new_tokens=2, do_sample=False)
+        assert out.shape == (1, 5) and torch.equal(out[0, :3], x["input_ids"][0])
+        assert int(out[0, 3]) == int(top.indices[0])
+    finally:
+        hm.hf_tokenizer = None
