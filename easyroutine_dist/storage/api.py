@@ -114,6 +114,10 @@ class ActivationSaver:
         self.experiment_name = new_experiment_name
 
 
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 class QueryResult:
     """Runs matching a query, oldest first (index -1 is the most recent)."""
 
@@ -138,7 +142,7 @@ class QueryResult:
             return "QueryResult(0 runs)"
         cols = ("#", "save_time", "run_id", "experiment", "model", "tag", "parts", "keys")
         rows = [(str(i), e.get("save_time", ""), e["run_id"], e["experiment_name"], str(e.get("model_name")),
-                 str(e.get("tag")), str(e.get("n_parts", "")), str(e.get("n_keys", "")))
+                 str(e.get("tag")), _cell(e.get("n_parts")), _cell(e.get("n_keys")))
                 for i, e in enumerate(self.results)]
         widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -108,7 +108,7 @@ class Catalog:
 
     def rebuild(self) -> int:
         """Rescan every run marker in storage and rewrite the catalog from them; returns the number of runs."""
-        from .runs import read_marker  # local import: runs imports catalog
+        from .runs import read_manifest  # local import: runs imports catalog
 
         pattern = self.store.path("*", "*", "*", layout.RUN_MARKER)
         try:
@@ -120,7 +120,7 @@ class Catalog:
             rel = m[len(self.store.root.rstrip("/")) + 1:] if m.startswith(self.store.root.rstrip("/")) else m
             if rel.startswith("_"):
                 continue
-            manifest = read_marker(self.store, m.rsplit("/", 1)[0])
+            manifest = read_manifest(self.store, m.rsplit("/", 1)[0])  # the marker only, no part record
             entry = entry_from_metadata(manifest["metadata"], manifest)
             self.add(entry)
             found.setdefault(entry["experiment_name"], set()).add(f"{entry['run_id']}.json")
@@ -258,6 +258,11 @@ def entry_from_metadata(metadata: dict[str, Any], manifest: dict[str, Any] | Non
     skip = {"model_config"}
     entry = {k: v for k, v in metadata.items() if k not in skip}
     if manifest is not None:
-        entry["n_parts"] = len(manifest.get("records", []))
-        entry["n_keys"] = len({k for r in manifest.get("records", []) for k in r.get("keys", [])})
+        if "parts" in manifest:  # schema 2: part ids only; n_keys when the committer knew the records
+            entry["n_parts"] = len(manifest["parts"])
+            if manifest.get("n_keys") is not None:
+                entry["n_keys"] = int(manifest["n_keys"])
+        else:  # schema 1: every record embedded
+            entry["n_parts"] = len(manifest.get("records", []))
+            entry["n_keys"] = len({k for r in manifest.get("records", []) for k in r.get("keys", [])})
     return entry

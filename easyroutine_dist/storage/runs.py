@@ -8,8 +8,10 @@ marker exists; a part counts only once its record (the part's commit marker) exi
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, overload
 
 import torch
 
@@ -21,7 +23,15 @@ from .fs import Store, create_exclusive, exists, list_names, read_bytes, remove,
 from .query import normalise
 from .shards import DEFAULT_MAX_SHARD_BYTES, plan_shards, read_shard, write_shard
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: run markers this version reads: 1 embeds every part record, 2 references ``records/part-PPPPP.json`` by part id
+READABLE_SCHEMA_VERSIONS = (1, 2)
+_RECORD_RE = re.compile(r"^part-(\d{5})\.json$")
+
+
+def record_part_ids(names: list[str]) -> list[int]:
+    """Part ids of the committed records among directory entry ``names`` (temp files and strays ignored), sorted."""
+    return sorted(int(m.group(1)) for m in map(_RECORD_RE.match, names) if m is not None)
 
 
 @dataclass(frozen=True)
@@ -152,46 +162,130 @@ class RunWriter:
             )
         return False
 
+    def committed_part_ids(self, run: RunHandle) -> list[int]:
+        """Ids of every committed part, sorted. Lists record names only; reads no record."""
+        return record_part_ids(list_names(self.store, self._p(run, "records")))
+
     def committed_parts(self, run: RunHandle) -> dict[int, dict[str, Any]]:
-        """Records of every committed part, by part id."""
-        out = {}
-        for name in list_names(self.store, self._p(run, "records")):
-            if name.startswith("part-") and name.endswith(".json") and ".tmp-" not in name:
-                rec = json.loads(read_bytes(self.store, self._p(run, f"records/{name}")))
-                out[int(rec["part_id"])] = rec
-        return dict(sorted(out.items()))
+        """Records of every committed part, by part id (reads every record: for resumes and tools, not commits)."""
+        rdir = self._p(run)
+        return {pid: read_record(self.store, rdir, pid) for pid in self.committed_part_ids(run)}
 
     def commit_run(self, run: RunHandle, records: list[dict[str, Any]] | None = None, *, verify: bool = True) -> str:
         """Write the run marker (last, exclusive) and register the run in the catalog; return the run's URL.
 
-        ``records`` defaults to every committed part. Each given record must be committed (checked against storage
-        unless ``verify=False``, for records whose ``commit_part`` this process has just seen succeed).
+        ``records`` defaults to every committed part. Each given record must be committed (checked against the
+        listing of ``records/`` unless ``verify=False``, for records whose ``commit_part`` this process has just
+        seen succeed). The marker references the committed records by part id (schema 2); no record is read, so
+        the memory this takes is a list of part ids, whatever the rows per part.
         """
-        if records is not None and not verify:
-            committed = {r["part_id"]: r for r in records}
+        if records is None:
+            ids = self.committed_part_ids(run)
+            n_keys = None  # would need the records' bodies; the catalog entry then has no key count
         else:
-            committed = self.committed_parts(run)
-        recs = list(committed.values()) if records is None else sorted(records, key=lambda r: r["part_id"])
-        ids = [r["part_id"] for r in recs]
-        if len(set(ids)) != len(ids):
-            raise StorageError(f"run {run.run_id}: duplicate part ids in records {ids}.")
-        missing = [i for i in ids if i not in committed]
-        if missing:
-            raise StorageError(f"run {run.run_id}: parts {missing} are not committed; call commit_part first.")
-        manifest = {"schema_version": SCHEMA_VERSION, "metadata": run.metadata, "records": [committed[i] for i in ids]}
+            ids = sorted(layout.check_part_id(r["part_id"]) for r in records)
+            if len(set(ids)) != len(ids):
+                raise StorageError(f"run {run.run_id}: duplicate part ids in records {ids}.")
+            if verify:
+                committed = set(self.committed_part_ids(run))
+                missing = [i for i in ids if i not in committed]
+                if missing:
+                    raise StorageError(f"run {run.run_id}: parts {missing} are not committed; call commit_part first.")
+            n_keys = len({k for r in records for k in r.get("keys", [])})
+        manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "metadata": run.metadata, "parts": ids}
+        if n_keys is not None:
+            manifest["n_keys"] = n_keys
         if not create_exclusive(self.store, self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()):
             raise StorageError(f"run {run.run_id} is already committed.")
         self.catalog.add(entry_from_metadata(run.metadata, manifest))
         return run.url
 
 
-def read_marker(store: Store, run_dir: str) -> dict[str, Any]:
-    """The manifest in a run's ``_SUCCESS`` marker (StorageError when the run is not committed)."""
+def read_record(store: Store, rdir: str, part_id: int) -> dict[str, Any]:
+    """The committed record of one part of the run in ``rdir`` (StorageError when missing or unreadable)."""
+    path = f"{rdir}/{layout.record_name(part_id)}"
+    try:
+        raw = read_bytes(store, path)
+    except StorageError as exc:
+        raise StorageError(f"run {store.url(rdir)}: the record of part {part_id} is missing ({exc}); the run "
+                           "is damaged, re-save it.") from None
+    try:
+        rec = json.loads(raw)
+    except ValueError as exc:
+        raise StorageError(f"part record {store.url(path)} is unreadable ({exc}).") from None
+    if not isinstance(rec, dict) or rec.get("part_id") != part_id:
+        raise StorageError(f"part record {store.url(path)} does not describe part {part_id}; the run is damaged.")
+    return rec
+
+
+def read_manifest(store: Store, run_dir: str) -> dict[str, Any]:
+    """The raw JSON of a run's ``_SUCCESS`` marker, schema 1 or 2 (StorageError when the run is not committed)."""
     raw = read_bytes(store, f"{run_dir}/{layout.RUN_MARKER}")
     try:
-        return json.loads(raw)
+        manifest = json.loads(raw)
     except ValueError as exc:
         raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS is unreadable ({exc}).") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has schema_version {version!r}; this version "
+                           f"of easyroutine_dist reads {list(READABLE_SCHEMA_VERSIONS)} (upgrade it).")
+    return manifest
+
+
+def manifest_part_ids(manifest: dict[str, Any]) -> list[int]:
+    """Part ids of a run, in load order, from a raw marker of either schema."""
+    if manifest["schema_version"] == 1:
+        return [int(r["part_id"]) for r in manifest["records"]]
+    return [int(p) for p in manifest["parts"]]
+
+
+def iter_records(store: Store, run_dir: str, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Each part record of a run in part-id order, read one at a time (schema 2) or from the marker (schema 1)."""
+    if manifest["schema_version"] == 1:
+        yield from manifest["records"]
+        return
+    for pid in manifest_part_ids(manifest):
+        yield read_record(store, run_dir, pid)
+
+
+class PartRecords(Sequence):
+    """The part records of a committed run as a read-only sequence: ``len`` costs nothing, items are read from
+    ``records/`` when accessed (nothing is cached, so iterating holds one record at a time)."""
+
+    def __init__(self, store: Store, run_dir: str, manifest: dict[str, Any]) -> None:
+        self._store, self._dir, self._ids = store, run_dir, manifest_part_ids(manifest)
+        self._embedded = manifest["records"] if manifest["schema_version"] == 1 else None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self._embedded is not None:
+            return self._embedded[i]
+        return read_record(self._store, self._dir, self._ids[i])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"PartRecords({len(self)} parts of {self._store.url(self._dir)})"
+
+
+def read_marker(store: Store, run_dir: str) -> dict[str, Any]:
+    """The run's manifest in the shape every schema shares: ``{"schema_version", "metadata", "records"}``, where
+    ``records`` is a :class:`PartRecords` (cheap ``len``; each record read from storage when accessed).
+
+    StorageError when the run is not committed.
+    """
+    manifest = read_manifest(store, run_dir)
+    return dict(manifest, records=PartRecords(store, run_dir, manifest))
 
 
 def run_dir(store: Store, entry: dict[str, Any]) -> str:
@@ -200,10 +294,18 @@ def run_dir(store: Store, entry: dict[str, Any]) -> str:
 
 
 def iter_parts(store: Store, entry: dict[str, Any], keys: list[str] | None = None) -> Iterator[ActivationCache]:
-    """Yield each part of a run as an ActivationCache, in part-id order (rows in dataset order)."""
+    """Yield each part of a run as an ActivationCache, in part-id order (rows in dataset order).
+
+    Reads the marker, then each part's record and shards just before yielding that part.
+    """
     rdir = run_dir(store, entry)
-    manifest = read_marker(store, rdir)
-    for rec in manifest["records"]:
+    manifest = read_manifest(store, rdir)
+    yield from _iter_parts(store, rdir, manifest, entry, keys)
+
+
+def _iter_parts(store: Store, rdir: str, manifest: dict[str, Any], entry: dict[str, Any],
+                keys: list[str] | None) -> Iterator[ActivationCache]:
+    for rec in iter_records(store, rdir, manifest):
         tensors: dict[str, torch.Tensor] = {}
         for sh in rec["shards"]:
             tensors.update(read_shard(store, f"{rdir}/shards/{sh['file']}", sh, keys))
@@ -217,9 +319,12 @@ def iter_parts(store: Store, entry: dict[str, Any], keys: list[str] | None = Non
 
 def load_run(store: Store, entry: dict[str, Any], keys: list[str] | None = None) -> tuple[ActivationCache, dict]:
     """Load a whole run (parts concatenated in order) and its metadata."""
-    parts = list(iter_parts(store, entry, keys))
+    rdir = run_dir(store, entry)
+    manifest = read_manifest(store, rdir)
+    parts = list(_iter_parts(store, rdir, manifest, entry, keys))
+    if not parts:
+        raise StorageError(f"run {entry['run_id']} has no parts; there is nothing to load.")
     cache = parts[0] if len(parts) == 1 else ActivationCache.concat(parts)
-    manifest = read_marker(store, run_dir(store, entry))
     return cache, dict(manifest["metadata"])
 
 
@@ -235,7 +340,7 @@ def move_run(store: Store, catalog: Catalog, entry: dict[str, Any], new_experime
     """Move a committed run to another experiment (copy, commit the copy, then remove the original)."""
     layout.check_experiment(new_experiment)
     src = run_dir(store, entry)
-    manifest = read_marker(store, src)
+    manifest = read_manifest(store, src)
     meta = dict(manifest["metadata"], experiment_name=new_experiment)
     new_entry = dict(entry, experiment_name=new_experiment)
     dst = run_dir(store, new_entry)
@@ -243,12 +348,19 @@ def move_run(store: Store, catalog: Catalog, entry: dict[str, Any], new_experime
         import os
 
         os.makedirs(f"{dst}/shards", exist_ok=True)
-    for rec in manifest["records"]:
+        os.makedirs(f"{dst}/records", exist_ok=True)
+
+    def copy(rel: str) -> None:
+        try:
+            store.fs.copy(f"{src}/{rel}", f"{dst}/{rel}")
+        except OSError as exc:
+            raise StorageError(f"cannot copy {store.url(src)}/{rel}: {exc}") from exc
+
+    for rec in iter_records(store, src, manifest):  # one record at a time
         for sh in rec["shards"]:
-            try:
-                store.fs.copy(f"{src}/shards/{sh['file']}", f"{dst}/shards/{sh['file']}")
-            except OSError as exc:
-                raise StorageError(f"cannot copy {store.url(src)}/shards/{sh['file']}: {exc}") from exc
+            copy(f"shards/{sh['file']}")
+        if manifest["schema_version"] >= 2:
+            copy(layout.record_name(int(rec["part_id"])))  # the new marker references it
     write_bytes(store, f"{dst}/{layout.METADATA_FILE}", json.dumps(meta, sort_keys=True).encode())
     new_manifest = dict(manifest, metadata=meta)
     if not create_exclusive(store, f"{dst}/{layout.RUN_MARKER}", json.dumps(new_manifest).encode()):
