@@ -125,13 +125,35 @@ def extract(
     console.print(f"run [bold]{handle.run_id}[/bold] saved at {handle.url}")
 
 
+def _n_rows(entry: dict[str, Any]) -> str:
+    """Rows of a run from its catalog entry: ``n_rows`` when the entry has it, else the distributed dataset's."""
+    n = entry.get("n_rows")
+    if n is None:
+        n = ((entry.get("distributed") or {}).get("dataset") or {}).get("n_rows")
+    return "?" if n is None else str(n)
+
+
 def _runs_table(result: Any) -> Table:
-    table = Table(title=f"{len(result)} run(s)")
-    for col in ("#", "run id", "experiment", "model", "tag", "saved", "rows"):
-        table.add_column(col)
-    for i, e in enumerate(result):
-        table.add_row(str(i), str(e.get("run_id")), str(e.get("experiment_name")), str(e.get("model_name")),
-                      str(e.get("tag")), str(e.get("save_time")), str(e.get("rows", "")))
+    """One row per run; the run id is never truncated or folded (it is what ``--run``/``--run-id`` take)."""
+    from rich import box
+
+    ids = [str(e.get("run_id")) for e in result]
+    experiments = sorted({str(e.get("experiment_name")) for e in result})
+    where = f" in experiment {experiments[0]!r}" if len(experiments) == 1 else ""
+    table = Table(title=f"{len(result)} run(s){where}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    table.add_column("#", justify="right")
+    table.add_column("run id", no_wrap=True, min_width=max([len("run id"), *map(len, ids)]))
+    columns = (["experiment"] if len(experiments) > 1 else []) + ["model", "tag"]
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    table.add_column("rows", justify="right", no_wrap=True)
+    table.add_column("parts", justify="right", no_wrap=True)
+    for i, (e, run_id) in enumerate(zip(result, ids)):
+        cells = {"experiment": str(e.get("experiment_name")), "model": str(e.get("model_name")),
+                 "tag": str(e.get("tag") or "")}
+        table.add_row(str(i), run_id, *(cells[c] for c in columns), _n_rows(e),
+                      "" if e.get("n_parts") is None else str(e.get("n_parts")))
     return table
 
 
