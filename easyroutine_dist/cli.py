@@ -117,12 +117,15 @@ def extract(
         num_cpus_per_worker=job.get("cpus_per_worker", 1), model_kwargs=job.get("model_kwargs"),
         ray_address=pick(ray_address, "ray_address"))
     saver = ActivationSaver(pick(base_dir, "base_dir", "./runs"), pick(experiment, "experiment", "default"))
-    handle = extractor.extract(
-        _load_dataset(pick(dataset, "dataset")), _positions(pick(positions, "target_token_positions", ["last"])),
-        ExtractionConfig.from_dict(cfg or {"extract_resid_out": True}), saver,
-        batch_size=pick(batch_size, "batch_size", 8), partition_size=pick(partition_size, "partition_size", 64),
-        tag=pick(tag, "tag"), logit_lens=lens_cfg, run_id=run_id, resume=resume)
-    console.print(f"run [bold]{handle.run_id}[/bold] saved at {handle.url}")
+    try:
+        handle = extractor.extract(
+            _load_dataset(pick(dataset, "dataset")), _positions(pick(positions, "target_token_positions", ["last"])),
+            ExtractionConfig.from_dict(cfg or {"extract_resid_out": True}), saver,
+            batch_size=pick(batch_size, "batch_size", 8), partition_size=pick(partition_size, "partition_size", 64),
+            tag=pick(tag, "tag"), logit_lens=lens_cfg, run_id=run_id, resume=resume)
+    finally:
+        extractor.shutdown()
+    console.print(f"run [bold]{handle.run_id}[/bold] saved at {handle.url}", soft_wrap=True)
 
 
 def _n_rows(entry: dict[str, Any]) -> str:
@@ -263,16 +266,17 @@ def demo(
     extractor = DistributedExtractor(model, num_workers=num_workers)
     saver = ActivationSaver(base_dir, "demo")
     config = ExtractionConfig(extract_resid_out=True, save_logits=False, save_input_ids=True)
-    handle = extractor.extract(DEMO_PROMPTS, ["all"], config,
-                               saver, batch_size=4, partition_size=4, tag="demo",
-                               logit_lens={"target_key": "resid_out_{i}", "top_k": 5})
-    console.print(f"run [bold]{handle.run_id}[/bold] committed at {handle.url}")
+    try:
+        handle = extractor.extract(DEMO_PROMPTS, ["all"], config, saver, batch_size=4, partition_size=4,
+                                   tag="demo", logit_lens={"target_key": "resid_out_{i}", "top_k": 5})
+    finally:
+        extractor.shutdown()
+    console.print(f"run [bold]{handle.run_id}[/bold] committed at {handle.url}", soft_wrap=True)
     result = ActivationLoader.from_saver(saver).query(tag="demo")
     console.print(_runs_table(result))
     cache, _ = result.load(handle.run_id)
     rows = show_lens(cache, 0, plot, load_tokenizer(model))
     console.print(f"{DEMO_PROMPTS[0]!r} -> {rows[-1][1]!r} at the last layer (p={rows[-1][2]:.2f})")
-    extractor.shutdown()
 
 
 if __name__ == "__main__":
