@@ -24,6 +24,22 @@ from easyroutine_dist.storage.catalog import Catalog
 from easyroutine_dist.storage.fs import resolve
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _sha_mbps(threads: int, mb: int = 128) -> float:
+    """sha256 throughput of ``threads`` threads hashing ``mb`` MiB in all (hashlib releases the GIL)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    bufs = [os.urandom(mb * 2**20 // threads) for _ in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        t = time.perf_counter()
+        list(pool.map(lambda b: hashlib.sha256(b).digest(), bufs))
+        return mb / (time.perf_counter() - t)
+
+
 def _tensors(total_mb: int) -> dict[str, torch.Tensor]:
     n = 8
     per = total_mb * 2**20 // n // 4
@@ -76,7 +92,7 @@ def _entry(i: int, t: float) -> dict:
     return {"run_id": run_id, "experiment_name": "bench", "model_name": "gpt2", "save_time": save_time,
             "saved_at_unix": t, "tag": f"batch_{i}", "target_token_positions": ["last"],
             "pivot_positions": None, "interventions": [], "other_metadata": {"batch_id": i},
-            "extraction_config": ExtractionConfig(extract_resid_out=True).to_dict(), "schema_version": 1,
+            "extraction_config": ExtractionConfig(extract_resid_out=True).to_dict(), "schema_version": 2,
             "n_parts": 1, "n_keys": 24}
 
 
@@ -154,19 +170,17 @@ def main() -> None:
     args = ap.parse_args()
     reps = 3 if args.quick else 7
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus")
-    import hashlib
-
-    buf = os.urandom(128 * 2**20)
-    t = time.perf_counter()
-    hashlib.sha256(buf).digest()
-    print(f"sha256 on one core: {128 / (time.perf_counter() - t):.0f} MB/s\n")
+    print(f"load average at start: {_load()}")
+    print(f"sha256: {_sha_mbps(1):.0f} MB/s on one thread, {_sha_mbps(os.cpu_count() or 1):.0f} MB/s on "
+          f"{os.cpu_count()} threads (what the cores give right now)\n")
     print("| backend | MB | raw pipe_file MB/s | save MB/s | ratio |\n|---|---|---|---|---|")
     tmp = tempfile.mkdtemp(prefix="bench-w-")
     r = bench_write(tmp, None, 64 if args.quick else 256, reps)
-    print(f"| local (page cache) | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} | {r['ratio']:.2f} |")
+    print(f"| local (page cache) | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} | {r['ratio']:.2f} |"
+          f" load {_load()}")
     r = bench_write(tmp, None, 64 if args.quick else 256, reps, durable=True)
     print(f"| local, fsync both (durable) | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} "
-          f"| {r['ratio']:.2f} |")
+          f"| {r['ratio']:.2f} | load {_load()}")
     if not args.no_s3:
         import socket
         import subprocess
@@ -193,7 +207,7 @@ def main() -> None:
                     "client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}
             r = bench_write("s3://bench-bucket/acts", opts, 32 if args.quick else 128, reps)
             print(f"| s3 (moto server process, 127.0.0.1) | {r['MB']:.0f} | {r['raw_MBps']:.0f} "
-                  f"| {r['save_MBps']:.0f} | {r['ratio']:.2f} |")
+                  f"| {r['save_MBps']:.0f} | {r['ratio']:.2f} | load {_load()}")
         finally:
             server.terminate()
             server.wait()
