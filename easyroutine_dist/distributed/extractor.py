@@ -303,10 +303,9 @@ class DistributedExtractor:
     def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int) -> str:
         """Publish the run once every part has its commit record; register it with the index.
 
-        Only record *names* are listed here; ``commit_run`` reads the records once to build the manifest.
+        Only record *names* are listed (here and in ``commit_run``): memory is flat in the number of parts.
         """
-        names = list_names(writer.store, writer.store.path(run.rel, "records"))
-        committed = {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".json") and ".tmp-" not in n}
+        committed = set(writer.committed_part_ids(run))
         if committed != set(range(n_parts)):
             missing = sorted(set(range(n_parts)) - committed)
             raise DistributedError(f"run {run.run_id}: parts {missing[:20]} are not committed; nothing was published. "
@@ -401,7 +400,7 @@ class DistributedExtractor:
             n = len(read_marker(writer.store, run_dir(writer.store, run.metadata))["records"])
             return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), run.url,
                                   int(plan.n_rows or 0), n, 0, n, 0, time.perf_counter() - t0, True)
-        done = set(writer.committed_parts(run)) if resumed else set()
+        done = set(writer.committed_part_ids(run)) if resumed else set()
         job = {"run": run.to_dict(), "storage": self._storage(saver), "batch_size": batch_size,
                "target_token_positions": list(target_token_positions),
                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
