@@ -10,9 +10,11 @@ to its return; the prompt list itself is created before and not counted) and wit
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +26,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when the benchmark exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -64,9 +73,9 @@ def main(argv=None) -> dict:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
-    model = save_tiny_model(tempfile.mkdtemp(prefix="bench-tiny-"))
+    model = save_tiny_model(_scratch(prefix="bench-tiny-"))
     cfg = ExtractionConfig(extract_resid_out=True, save_logits=False)
-    base = tempfile.mkdtemp(prefix="bench-dist-")
+    base = _scratch(prefix="bench-dist-")
     out: dict = {"machine": f"{os.cpu_count()} CPU cores", "model": "tiny llama (3 layers, d=32, vocab 96), CPU"}
 
     sizes = [500, 2000] if args.quick else [1000, 5000, 20000]

@@ -11,8 +11,10 @@ the GPU (no download). Both sides run the same pre-tokenised batches ``[8, 512]`
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -21,6 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when the benchmark exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 def build_model(layers: int = 32, **_: object):
     """Factory for the worker (``"benchmarks.bench_gpu_worker:build_model"``): random Mistral-7B shape, bf16, cuda."""
@@ -86,7 +95,7 @@ def main(argv=None) -> dict:
     ray.init(num_gpus=1, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     cfg = ExtractionConfig(extract_resid_out=True, save_logits=False)
-    saver = ActivationSaver(tempfile.mkdtemp(prefix="bench-gpu-"), experiment_name="gpu")
+    saver = ActivationSaver(_scratch(prefix="bench-gpu-"), experiment_name="gpu")
     with DistributedExtractor("benchmarks.bench_gpu_worker:build_model", num_workers=1, num_gpus_per_worker=1,
                               model_kwargs={"layers": args.layers}) as ex:
         info = ex.workers_info()[0]

@@ -6,8 +6,10 @@ Run: python benchmarks/bench_storage.py [--quick]. Prints a markdown table (copi
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -23,6 +25,13 @@ from easyroutine_dist.storage import layout
 from easyroutine_dist.storage.catalog import Catalog
 from easyroutine_dist.storage.fs import resolve
 
+
+
+def _scratch(prefix: str) -> str:
+    """A temporary folder removed when the benchmark exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -135,7 +144,7 @@ def _p50(fn, reps: int) -> float:
 
 
 def bench_query(n: int, reps: int) -> dict[str, float]:
-    root = tempfile.mkdtemp(prefix=f"bench-q{n}-")
+    root = _scratch(prefix=f"bench-q{n}-")
     _populate(root, n)
     loader = ActivationLoader(root, "bench")
     t = time.perf_counter()
@@ -174,7 +183,7 @@ def main() -> None:
     print(f"sha256: {_sha_mbps(1):.0f} MB/s on one thread, {_sha_mbps(os.cpu_count() or 1):.0f} MB/s on "
           f"{os.cpu_count()} threads (what the cores give right now)\n")
     print("| backend | MB | raw pipe_file MB/s | save MB/s | ratio |\n|---|---|---|---|---|")
-    tmp = tempfile.mkdtemp(prefix="bench-w-")
+    tmp = _scratch(prefix="bench-w-")
     r = bench_write(tmp, None, 64 if args.quick else 256, reps)
     print(f"| local (page cache) | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} | {r['ratio']:.2f} |"
           f" load {_load()}")
