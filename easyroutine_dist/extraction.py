@@ -229,4 +229,3 @@ def check_config(cfg: ExtractionConfig, spec: ArchSpec, shape: ModelShape) -> li
     return keys
 
 
-PostHook = Callable[[dict[str, Any]], None]
