@@ -96,3 +96,19 @@ def test_model_factory_in_workers(ray_cluster, hooked_ref, texts, tmp_path, form
     assert res.model_name == "tiny-llama-factory" and res.n_partitions == 2
     cache, meta = ActivationLoader(tmp_path, "factory").query(model_name="tiny-llama-factory").load()
     _check_equal(cache, reference(hooked_ref, texts[:7]))
+
+
+@pytest.mark.s3
+def test_example_main_on_s3(ray_cluster, s3_endpoint, s3_bucket_url, monkeypatch):
+    """The example as a user runs it against S3: endpoint and credentials from the AWS_* environment."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    path = Path(__file__).resolve().parents[2] / "examples" / "distributed_extraction.py"
+    spec = importlib.util.spec_from_file_location("distributed_extraction_example_s3", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--base-dir", f"{s3_bucket_url}/acts", "--num-prompts", "8", "--num-workers", "1",
+                    "--partition-size", "4"])
+    assert out["url"].startswith(s3_bucket_url) and out["n_rows"] == 8 and out["n_partitions"] == 2
+    loader = ActivationLoader(f"{s3_bucket_url}/acts", experiment_name="distributed-example")
+    cache, _ = loader.query(tag="example").load(out["run_id"], keys=["resid_out_2"])
+    assert cache["resid_out_2"].shape[0] == 8
