@@ -232,7 +232,6 @@ def _register_head_out_add(stack: ExitStack, model: Any, iv: Intervention, site:
     """head_out patch (``out += patch - head_out``) or steering (``out += vector``) on o_proj's output."""
     from accelerate.utils import align_module_device
 
-    hd = model.model_config.head_dim
     steer = iv.patching_values == "steering"
     vals = _expand_values(iv.steering_vector if steer else iv.patching_values, slots,
                           "steering_vector" if steer else "patching_values", name)

@@ -7,7 +7,6 @@ partitions queued and the next partition goes to the least loaded live worker as
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import ActorUnavailableError, RayTaskError
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DistributedError, StorageError
@@ -28,11 +27,10 @@ from . import index as _index
 from .lensing import check_lens_config, lens_metadata
 from .models import ModelSource, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
+from .scheduler import ACTOR_ERRORS, schedule
 from .worker import ExtractionWorker, check_same_model
 
-#: a worker process died or is restarting: the partition is redone (Ray's own retries are off, max_task_retries=0)
 _LOG = logging.getLogger(__name__)
-_ACTOR_ERRORS = (RayActorError, ActorUnavailableError, WorkerCrashedError)
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,7 @@ class DistributedExtractor:
         except RayTaskError as exc:
             self.shutdown()
             raise DistributedError(f"a worker could not load model {self.source.name!r}: {exc.cause!r}") from exc
-        except _ACTOR_ERRORS as exc:
+        except ACTOR_ERRORS as exc:
             self.shutdown()
             raise DistributedError(f"a worker died while loading model {self.source.name!r}: {exc}") from exc
         self._info = infos[0]
@@ -207,98 +205,11 @@ class DistributedExtractor:
     # ------------------------------------------------------------------ scheduling
     def _run_parts(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
                    stop_after: Optional[int], total_rows: Optional[int] = None) -> tuple[int, int, int, int, float]:
-        """Dynamic scheduling; returns ``(rows, recomputed, skipped, retried, worker_seconds)``.
-
-        A progress bar counts committed rows (rows/s and ETA when ``total_rows`` is known)."""
+        """Schedule ``parts`` over this extractor's workers; returns ``(rows, recomputed, skipped, retried,
+        worker_seconds)``. A progress bar counts committed rows (rows/s and ETA when ``total_rows`` is known)."""
         with tqdm(total=total_rows, desc=f"run {run.run_id}", unit="rows", disable=None, dynamic_ncols=True) as bar:
-            return self._schedule(submit, parts, run, stop_after, bar)
-
-    def _schedule(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
-                  stop_after: Optional[int], bar: Any) -> tuple[int, int, int, int, float]:
-        live = list(range(len(self._workers)))
-        load = collections.Counter({w: 0 for w in live})
-        recovering: dict[Any, int] = {}  # ping ref -> worker that died or is restarting
-        attempts: collections.Counter = collections.Counter()
-        retry: collections.deque = collections.deque()
-        in_flight: dict[Any, tuple[int, Any]] = {}
-        rows = recomputed = skipped = retried = 0
-        busy = 0.0
-        exhausted = False
-
-        def next_part() -> Any:
-            nonlocal exhausted
-            if retry:
-                return retry.popleft()
-            if exhausted:
-                return None
-            part = next(parts, None)
-            exhausted = part is None
-            return part
-
-        def resume_hint() -> str:
-            return (f"committed parts are kept; resume with extract(..., run_id={run.run_id!r}, resume=True) "
-                    f"(experiment {run.experiment!r}).")
-
-        while True:
-            while live:
-                w = min(live, key=lambda i: load[i])
-                if load[w] >= self.max_in_flight:
-                    break
-                part = next_part()
-                if part is None:
-                    break
-                in_flight[submit(self._workers[w], part)] = (w, part)
-                load[w] += 1
-            work_left = bool(retry) or not exhausted
-            if not in_flight and (not recovering or not work_left):
-                if work_left:
-                    raise DistributedError(f"run {run.run_id}: every worker died and none can restart (max_restarts="
-                                           f"{self.max_worker_restarts}); " + resume_hint())
-                break
-            done, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1)
-            ref = done[0]
-            if ref in recovering:  # a worker answered (back in service) or is gone for good
-                w = recovering.pop(ref)
-                try:
-                    ray.get(ref)
-                    live.append(w)
-                except ActorUnavailableError:
-                    time.sleep(0.2)  # still restarting (reloading its model)
-                    recovering[self._workers[w].ping.remote()] = w
-                except _ACTOR_ERRORS:
-                    pass  # restarts exhausted: the worker is dropped
-                continue
-            w, part = in_flight.pop(ref)
-            load[w] -= 1
-            try:
-                res = ray.get(ref)
-            except _ACTOR_ERRORS as exc:
-                pid = part.part_id if isinstance(part, PartitionSpec) else part[1]["part_id"]
-                attempts[pid] += 1
-                retried += 1
-                if attempts[pid] >= self.max_part_attempts:
-                    raise DistributedError(f"run {run.run_id}: partition {pid} failed {attempts[pid]} times "
-                                           f"(last: {exc}); " + resume_hint()) from exc
-                if w in live:  # no new work until it answers a ping; its other queued parts fail the same way
-                    live.remove(w)
-                    recovering[self._workers[w].ping.remote()] = w
-                retry.append(part)
-                continue
-            except RayTaskError as exc:
-                raise DistributedError(f"run {run.run_id}: a partition failed on a worker: {exc.cause!r}; fix the "
-                                       "cause, then " + resume_hint()) from exc
-            rows += int(res["rows"])
-            bar.update(int(res["rows"]))
-            busy += float(res.get("seconds", 0.0))
-            if res["skipped"]:
-                skipped += 1
-            else:
-                recomputed += 1
-            if stop_after is not None and recomputed >= stop_after:
-                ray.wait(list(in_flight), num_returns=len(in_flight))  # let queued parts land, like a real crash
-                raise DistributedError(f"run {run.run_id}: stopped after {recomputed} partitions (_stop_after_parts "
-                                       "test hook); " + resume_hint())
-        return rows, recomputed, skipped, retried, busy
+            return schedule(self._workers, submit, parts, run, stop_after, bar, self.max_in_flight,
+                            self.max_part_attempts, self.max_worker_restarts)
 
     def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int) -> str:
         """Publish the run once every part has its commit record; register it with the index.

@@ -8,8 +8,6 @@ from typing import Any
 import pytest
 import torch
 
-from tests.s3_fixtures import s3_bucket_url, s3_endpoint, s3_storage_options  # noqa: F401  (fixtures)
-
 
 class Backend:
     def __init__(self, name: str, url: str, options: dict[str, Any] | None) -> None:

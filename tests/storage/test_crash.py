@@ -23,8 +23,6 @@ def test_crash_before_marker_leaves_nothing_visible(backend, monkeypatch, step):
     saver = backend.saver()
     _save(saver, 1.0, "good")
     if step == "shard":
-        real = shards.write_shard
-
         def crashing(store, path, tensors):
             raise Boom("disk died mid-shard")
 
