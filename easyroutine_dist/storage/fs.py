@@ -67,6 +67,9 @@ def resolve(base_dir: str | Path, storage_options: dict[str, Any] | None = None)
         if ck:
             opts["client_kwargs"] = ck
         opts.setdefault("skip_instance_cache", True)
+        # other processes (workers, the index actor, other savers) change the bucket: a cached listing would
+        # hide their runs or show removed ones, so every listing and existence check asks the endpoint
+        opts.setdefault("use_listings_cache", False)
     try:
         fs, root = fsspec.core.url_to_fs(url, **opts)
     except (ImportError, ValueError, TypeError) as exc:

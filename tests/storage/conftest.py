@@ -9,6 +9,14 @@ import pytest
 import torch
 
 
+
+@pytest.fixture(autouse=True)
+def _catalog_only(monkeypatch):
+    """Storage tests test the catalog in storage: no query provider (e.g. a Ray index left by other tests)."""
+    from easyroutine_dist.storage import providers
+
+    monkeypatch.setattr(providers, "_PROVIDERS", {})
+
 class Backend:
     def __init__(self, name: str, url: str, options: dict[str, Any] | None) -> None:
         self.name, self.url, self.options = name, url, options
