@@ -211,7 +211,7 @@ class DistributedExtractor:
             return schedule(self._workers, submit, parts, run, stop_after, bar, self.max_in_flight,
                             self.max_part_attempts, self.max_worker_restarts)
 
-    def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int) -> str:
+    def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int, n_rows: Optional[int] = None) -> str:
         """Publish the run once every part has its commit record; register it with the index.
 
         Only record *names* are listed (here and in ``commit_run``): memory is flat in the number of parts.
@@ -221,7 +221,7 @@ class DistributedExtractor:
             missing = sorted(set(range(n_parts)) - committed)
             raise DistributedError(f"run {run.run_id}: parts {missing[:20]} are not committed; nothing was published. "
                                    f"Resume with run_id={run.run_id!r}, resume=True.")
-        url = writer.commit_run(run)
+        url = writer.commit_run(run, n_rows=n_rows)
         entry_path = writer.store.path(CATALOG_DIR, run.experiment, f"{run.run_id}.json")
         try:
             entry = json.loads(read_bytes(writer.store, entry_path))
@@ -334,7 +334,7 @@ class DistributedExtractor:
         rows, recomputed, skipped, retried, busy = self._run_parts(
             lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts, plan.n_rows)
         tc = time.perf_counter()
-        url = self._commit(writer, run, n_parts)
+        url = self._commit(writer, run, n_parts, n_rows)
         tc = time.perf_counter() - tc
         return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
                               recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed, busy, tc)
@@ -400,7 +400,7 @@ class DistributedExtractor:
 
         rows, recomputed, skipped, retried, busy = self._run_parts(submit, parts(), new_run, None)
         tc = time.perf_counter()
-        url = self._commit(writer, new_run, len(records))
+        url = self._commit(writer, new_run, len(records), n_rows)
         tc = time.perf_counter() - tc
         return DistributedRun(new_run.run_id, new_run.experiment, str(new_run.metadata.get("model_name")), url,
                               n_rows, len(records), recomputed, skipped, retried, time.perf_counter() - t0, resumed,

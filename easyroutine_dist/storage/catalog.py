@@ -260,9 +260,11 @@ def entry_from_metadata(metadata: dict[str, Any], manifest: dict[str, Any] | Non
     if manifest is not None:
         if "parts" in manifest:  # schema 2: part ids only; n_keys when the committer knew the records
             entry["n_parts"] = len(manifest["parts"])
-            if manifest.get("n_keys") is not None:
-                entry["n_keys"] = int(manifest["n_keys"])
+            for count in ("n_keys", "n_rows"):
+                if manifest.get(count) is not None:
+                    entry[count] = int(manifest[count])
         else:  # schema 1: every record embedded
             entry["n_parts"] = len(manifest.get("records", []))
             entry["n_keys"] = len({k for r in manifest.get("records", []) for k in r.get("keys", [])})
+            entry["n_rows"] = sum(int(r.get("rows", 0)) for r in manifest.get("records", []))
     return entry

@@ -171,13 +171,15 @@ class RunWriter:
         rdir = self._p(run)
         return {pid: read_record(self.store, rdir, pid) for pid in self.committed_part_ids(run)}
 
-    def commit_run(self, run: RunHandle, records: list[dict[str, Any]] | None = None, *, verify: bool = True) -> str:
+    def commit_run(self, run: RunHandle, records: list[dict[str, Any]] | None = None, *, verify: bool = True,
+                   n_rows: int | None = None) -> str:
         """Write the run marker (last, exclusive) and register the run in the catalog; return the run's URL.
 
         ``records`` defaults to every committed part. Each given record must be committed (checked against the
         listing of ``records/`` unless ``verify=False``, for records whose ``commit_part`` this process has just
         seen succeed). The marker references the committed records by part id (schema 2); no record is read, so
-        the memory this takes is a list of part ids, whatever the rows per part.
+        the memory this takes is a list of part ids, whatever the rows per part. ``n_rows`` (the run's examples)
+        goes into the marker and the catalog entry; with ``records`` it is their sum.
         """
         if records is None:
             ids = self.committed_part_ids(run)
@@ -192,9 +194,12 @@ class RunWriter:
                 if missing:
                     raise StorageError(f"run {run.run_id}: parts {missing} are not committed; call commit_part first.")
             n_keys = len({k for r in records for k in r.get("keys", [])})
+            n_rows = sum(int(r.get("rows", 0)) for r in records)
         manifest: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "metadata": run.metadata, "parts": ids}
         if n_keys is not None:
             manifest["n_keys"] = n_keys
+        if n_rows is not None:
+            manifest["n_rows"] = int(n_rows)
         if not create_exclusive(self.store, self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()):
             raise StorageError(f"run {run.run_id} is already committed.")
         self.catalog.add(entry_from_metadata(run.metadata, manifest))

@@ -185,3 +185,17 @@ def test_file_url(tmp_path):
 
     ActivationSaver(f"file://{tmp_path}/f", "e").save(torch.ones(1), "m", ["last"], None, ExtractionConfig())
     assert len(ActivationLoader(str(tmp_path / "f"), "e").query()) == 1
+
+
+def test_catalog_entries_count_rows_parts_and_keys(backend):
+    saver = backend.saver("counts")
+    saver.save({"a": torch.ones(3, 1, 2), "b": torch.zeros(3, 1)}, "m", ["last"], None, ExtractionConfig(), tag="c")
+    (entry,) = list(backend.loader("counts").query(tag="c"))
+    assert (entry["n_rows"], entry["n_parts"], entry["n_keys"]) == (3, 1, 2)
+    writer = RunWriter(saver.store)
+    run = writer.begin_run("counts", "m", {"tag": "two"})
+    for part in (0, 1):
+        writer.commit_part(run, writer.write_part(run, part, {"x": torch.ones(4, 1)}))
+    writer.commit_run(run, n_rows=8)
+    (entry,) = list(backend.loader("counts").query(tag="two"))
+    assert (entry["n_rows"], entry["n_parts"]) == (8, 2)
