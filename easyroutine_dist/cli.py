@@ -15,6 +15,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Extract activations from HF transformers on a Ray cluster, find them again, run the lens.")
 console = Console()
 
+
+@app.callback()
+def _logging(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    """Show the library's INFO lines (e.g. ``run <id> started ... (resume it with run_id=...)``) on stderr,
+    so a job that dies still leaves the run id to resume in its log."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("easyroutine_dist")
+    if not log.handlers:
+        log.addHandler(RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False))
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
 DEMO_PROMPTS = [
     "The capital of France is", "The capital of Germany is", "The capital of Italy is", "The capital of Spain is",
     "The capital of Japan is", "The largest planet in the solar system is", "Water is made of hydrogen and",

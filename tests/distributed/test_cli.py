@@ -54,9 +54,12 @@ def job_run(ray_cluster, workdir, prompts_txt):
            "target_token_positions": ["last"], "extraction_config": {"extract_resid_out": True, "save_logits": False},
            "base_dir": str(workdir / "runs"), "experiment": "cli-job", "tag": "from-yaml"}
     (workdir / "job.yaml").write_text(yaml.safe_dump(job))
-    out = _ok(_invoke("extract", "--config", workdir / "job.yaml"))
+    result = _invoke("extract", "--config", workdir / "job.yaml")
+    out = _ok(result)
     match = RUN_RE.search(out)
     assert match, out
+    # the run id is logged when the run starts, so a job that dies still leaves it in its log
+    assert f"run {match.group(1)} started" in " ".join(result.stderr.split()), result.stderr
     return out, match.group(1)
 
 
