@@ -85,7 +85,11 @@ class ActivationSaver:
                    tag: Optional[str] = None) -> str:
         """Save a cache whose ``cache["metadata"]`` holds model name, positions, config and interventions."""
         info = cache.get("metadata") if isinstance(cache, ActivationCache) else None
-        info = info if isinstance(info, dict) else {}
+        if not isinstance(info, dict) or not info.get("model_name"):
+            raise MetadataError(
+                "save_cache needs cache['metadata'] with at least 'model_name' (HookedModel.extract_cache adds it); "
+                "for a cache from HookedModel.forward use save(activations, model, target_token_positions, "
+                "interventions, extraction_config) so the run records where it came from.")
         meta = {
             "model_name": info.get("model_name"),
             "target_token_positions": normalise(info.get("target_token_positions"), "target_token_positions"),

@@ -199,3 +199,16 @@ def test_catalog_entries_count_rows_parts_and_keys(backend):
     writer.commit_run(run, n_rows=8)
     (entry,) = list(backend.loader("counts").query(tag="two"))
     assert (entry["n_rows"], entry["n_parts"]) == (8, 2)
+
+
+def test_save_cache_refuses_a_cache_without_provenance(backend):
+    from easyroutine_dist.cache import ActivationCache
+    from easyroutine_dist.errors import MetadataError
+
+    cache = ActivationCache()
+    cache["resid_out_0"] = torch.ones(1, 1, 2)
+    saver = backend.saver("noprov")
+    with pytest.raises(MetadataError, match="use save\\("):
+        saver.save_cache(cache, tag="x")
+    assert len(backend.loader("noprov").query()) == 0
+    assert not saver.store.fs.exists(saver.store.path("noprov"))  # nothing written
