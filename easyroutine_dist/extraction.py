@@ -92,14 +92,13 @@ def _o_proj_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
 class Extractor:
     """Registers the hooks for one forward and collects ``{key: tensor}`` into ``self.out``."""
 
-    def __init__(self, model: torch.nn.Module, spec: ArchSpec, shape: ModelShape, keys: list[str],
+    def __init__(self, model: torch.nn.Module, spec: ArchSpec, shape: ModelShape, sites: list[tuple[str, Site]],
                  gathered: Gathered, detach: bool, move_to_cpu: bool) -> None:
         self.model, self.spec, self.shape = model, spec, shape
         self.gathered, self.detach, self.move_to_cpu = gathered, detach, move_to_cpu
         self.out: dict[str, torch.Tensor] = {}
         self.sites: dict[tuple[str, str], list[tuple[str, Site]]] = defaultdict(list)
-        for key in keys:
-            site = resolve(key, spec, shape)
+        for key, site in sites:  # keys sharing a hook point share one hook and one gather
             self.sites[(site.module, site.when)].append((key, site))
 
     def _store(self, key: str, value: torch.Tensor) -> None:
@@ -219,13 +218,10 @@ def reduce_patterns(out: dict[str, Any], cfg: ExtractionConfig, row_groups: dict
         out[key] = torch.stack(blocks, dim=1)
 
 
-def check_config(cfg: ExtractionConfig, spec: ArchSpec, shape: ModelShape) -> list[str]:
-    """Resolve every requested key once (raises ConfigError on the first bad one) and return them."""
+def check_config(cfg: ExtractionConfig, spec: ArchSpec, shape: ModelShape) -> list[tuple[str, Site]]:
+    """Every requested key with its Site, resolved once (ConfigError on the first bad one, before any forward)."""
     if not isinstance(cfg, ExtractionConfig):
         raise ConfigError(f"extraction_config must be an ExtractionConfig, got {type(cfg).__name__}.")
-    keys = requested_keys(cfg, shape)
-    for key in keys:
-        resolve(key, spec, shape)
-    return keys
+    return [(key, resolve(key, spec, shape)) for key in requested_keys(cfg, shape)]
 
 

@@ -150,7 +150,8 @@ class HookedModel:
         positions within each unpadded prompt. Left and right padding give the same result as unpadded prompts.
         """
         cfg = extraction_config
-        keys = check_config(cfg, self.spec, self.model_config)
+        sites = check_config(cfg, self.spec, self.model_config)
+        keys = [key for key, _ in sites]
         specs = validate_specs(list(target_token_positions))
         all_interventions = list(self._persistent) + list(interventions or [])
         if all_interventions:
@@ -168,7 +169,7 @@ class HookedModel:
         position_ids = (mask_d.cumsum(-1) - 1).clamp(min=0)
         want_patterns = any(k.startswith("pattern_") for k in keys) or any(
             iv.activation.startswith("pattern_") for iv in all_interventions)
-        extractor = Extractor(self.hf_model, self.spec, self.model_config, keys, gathered,
+        extractor = Extractor(self.hf_model, self.spec, self.model_config, sites, gathered,
                               detach=not cfg.keep_gradient, move_to_cpu=move_to_cpu)
         grad = torch.enable_grad() if cfg.keep_gradient else torch.no_grad()
         with ExitStack() as stack, grad, self._attention(want_patterns):
