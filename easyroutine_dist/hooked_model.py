@@ -214,12 +214,11 @@ class HookedModel:
         """Forward every batch of ``dataloader`` (any iterable, generators included) and concatenate the caches
         along the batch axis in linear time. Each batch may carry ``pivot_positions``; ``batch_saver(batch)``
         returns extra per-batch fields to keep. Adds ``cache["metadata"]``."""
-        validate_specs(list(target_token_positions))
+        specs = validate_specs(list(target_token_positions))  # malformed specs fail before the first batch
         parts: list[ActivationCache] = []
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
         n_rows = 0
-        for i, batch in enumerate(tqdm(dataloader, total=total, desc="extract_cache", unit="batch",
-                                       disable=None)):
+        for batch in tqdm(dataloader, total=total, desc="extract_cache", unit="batch", disable=None):
             pivots = batch.get("pivot_positions") if hasattr(batch, "get") else None
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
             cache = self.forward(inputs, target_token_positions, pivot_positions=pivots,
@@ -229,8 +228,8 @@ class HookedModel:
             if extra:
                 for k, v in extra.items():
                     cache[k] = v if isinstance(v, torch.Tensor) else [v]
-            n_rows += int(torch.as_tensor(inputs["input_ids"]).reshape(-1, torch.as_tensor(
-                inputs["input_ids"]).shape[-1]).shape[0])
+            ids = torch.as_tensor(inputs["input_ids"])
+            n_rows += int(ids.shape[0]) if ids.dim() > 1 else 1
             parts.append(cache)
         if not parts:
             raise ConfigError("extract_cache got an empty dataloader; pass at least one batch.")
@@ -238,7 +237,7 @@ class HookedModel:
         out["metadata"] = {
             "model_name": self.model_name,
             "model_config": self.model_config.to_dict(),
-            "target_token_positions": [spec_key(s) for s in validate_specs(list(target_token_positions))],
+            "target_token_positions": [spec_key(s) for s in specs],
             "extraction_config": extraction_config.to_dict(),
             "interventions": [iv.to_dict() for iv in (list(self._persistent) + list(interventions or []))],
             "n_examples": n_rows,
