@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -77,3 +78,20 @@ def unpadded_rows(batch):
     """Each row's real tokens as its own ``[1, n]`` input."""
     return [{"input_ids": ids[m.bool()][None], "attention_mask": torch.ones(1, int(m.sum()), dtype=torch.long)}
             for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+
+
+@contextlib.contextmanager
+def eager(model):
+    """Run ``model`` with eager attention (which returns weights) inside the block; restore it after."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def hook_snapshot(model):
+    """Every module's forward (pre-)hook ids. transformers keeps permanent output-capturing hooks of its own,
+    so hook hygiene is checked by comparing snapshots, not by expecting none."""
+    return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.named_modules()}

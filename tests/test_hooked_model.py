@@ -8,7 +8,7 @@ import torch
 from easyroutine_dist.errors import ConfigError, PositionError, UnsupportedArchitectureError
 from easyroutine_dist.interpretability import ExtractionConfig, HookedModel
 from easyroutine_dist.positions import spec_key as _key
-from tests.models import ARCHS, VOCAB, hooked, random_batch, tiny_model, unpadded_rows
+from tests.models import ARCHS, VOCAB, eager, hook_snapshot, hooked, random_batch, tiny_model, unpadded_rows
 
 ALL_CFG = ExtractionConfig(
     extract_embed=True, extract_resid_in=True, extract_resid_out=True, extract_attn_out=True,
@@ -19,18 +19,9 @@ ALL_CFG = ExtractionConfig(
 )
 
 
-def _position_ids(batch):
-    return (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-
-
 def _hf_eager(model, **kw):
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(**kw)
-    finally:
-        model.set_attn_implementation(before)
+    with eager(model), torch.no_grad():
+        return model(**kw)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -188,15 +179,12 @@ def test_hooks_are_removed_after_an_error_inside_the_forward():
     def boom(*_a, **_k):
         raise RuntimeError("injected")
 
-    def hooks():  # transformers installs permanent output-capturing hooks of its own: compare, don't expect none
-        return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in hm.hf_model.named_modules()}
-
-    before = hooks()
+    before = hook_snapshot(hm.hf_model)
     handle = layer.mlp.register_forward_hook(boom)
     with pytest.raises(RuntimeError, match="injected"):
         hm.forward(random_batch(), ["last"], extraction_config=ALL_CFG)
     handle.remove()
-    assert hooks() == before
+    assert hook_snapshot(hm.hf_model) == before
     assert hm.hf_model.config._attn_implementation == "sdpa"
     cache = hm.forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
     assert cache["resid_out_0"].shape == (3, 1, 32)

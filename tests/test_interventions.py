@@ -8,7 +8,7 @@ import torch
 from easyroutine_dist.config import ExtractionConfig
 from easyroutine_dist.errors import ConfigError, PositionError
 from easyroutine_dist.interpretability import Intervention
-from tests.models import ARCHS, hooked, random_batch
+from tests.models import ARCHS, eager, hook_snapshot, hooked, random_batch
 
 H, HD, D = 4, 8, 32  # tiny models: 4 query heads of width 8, d_model 32
 
@@ -270,12 +270,8 @@ def _capture_pattern_inputs(model, batch, layer_idx, h):
     def grab_v(mod, args, kwargs, output):
         got["v"] = _first(output)[..., cols].detach().clone()
 
-    before = hf.config._attn_implementation
-    hf.set_attn_implementation("eager")
-    try:
+    with eager(hf):
         _oracle(model, batch, [(_attn(layer), "out", grab_w), (v_mod, "out", grab_v)])
-    finally:
-        hf.set_attn_implementation(before)
     return got["w"], got["v"]
 
 
@@ -361,10 +357,7 @@ def test_pattern_rows_scaling_and_patch_tensor():
 def test_bad_interventions_fail_before_running(iv, exc):
     model = hooked("llama")
 
-    def hooks():  # transformers keeps permanent output-capturing hooks of its own: compare, don't expect none
-        return {n: (list(m._forward_hooks), list(m._forward_pre_hooks)) for n, m in model.hf_model.named_modules()}
-
-    before = hooks()
+    before = hook_snapshot(model.hf_model)
     calls = []
     handle = model.hf_model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
@@ -373,7 +366,7 @@ def test_bad_interventions_fail_before_running(iv, exc):
     finally:
         handle.remove()
     assert calls == []
-    assert hooks() == before
+    assert hook_snapshot(model.hf_model) == before
 
 
 def test_register_and_clean_interventions():
