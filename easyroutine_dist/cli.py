@@ -210,10 +210,10 @@ def load_tokenizer(name: str) -> Any:
     """The tokenizer of a model name/path (``"smollm2"``: the embedded GGUF model's)."""
     from transformers import AutoTokenizer
 
-    from .models import resolve_model
+    from .models import resolve_model, source_kwargs
 
     path, kwargs = resolve_model(name)
-    return AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    return AutoTokenizer.from_pretrained(path, **source_kwargs(kwargs))
 
 
 def show_lens(cache: Any, row: int, plot: Path, tokenizer: Any) -> list[tuple[int, str, float]]:

@@ -15,6 +15,7 @@ from .config import ExtractionConfig
 from .errors import ConfigError
 from .extraction import Extractor, Gathered, check_config, reduce_patterns, reduce_positions
 from .intervention_spec import Intervention
+from .models import source_kwargs
 from .positions import resolve_positions, spec_key, validate_specs
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ class HookedModel:
         config before any weight is loaded."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in hf_kwargs.items()
-                                                             if k in ("gguf_file", "revision", "trust_remote_code")})
+        config = AutoConfig.from_pretrained(name_or_path, **source_kwargs(hf_kwargs))
         spec_for(config)
         kwargs = dict(hf_kwargs)
         if device_map is not None:
@@ -55,9 +55,8 @@ class HookedModel:
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-        tok_kwargs = {k: v for k, v in hf_kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **tok_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source_kwargs(hf_kwargs))
         except (OSError, ValueError, TypeError) as exc:  # a weights-only folder: inputs must then be token ids
             logger.warning("no tokenizer found for %s (%s); pass input_ids to forward", name_or_path, exc)
             tokenizer = None

@@ -33,3 +33,9 @@ def resolve_model(name_or_path: str, model_kwargs: dict[str, Any] | None = None)
         kwargs.setdefault("gguf_file", SMOLLM2_GGUF)
         return smollm2_folder(), kwargs
     return name_or_path, kwargs
+
+
+def source_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The loading kwargs that say *which files* to read (``gguf_file``, ``revision``, ``trust_remote_code``):
+    what the config and tokenizer loaders need besides the model loader."""
+    return {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}

@@ -60,7 +60,7 @@ def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]]
         raise ConfigError(f"model_name={model_name!r} must be a model path or hub id, a 'module:function' factory, "
                           "or a callable returning a HookedModel.")
     name = str(model_name)
-    from ..models import resolve_model  # short names ("smollm2": the embedded GGUF model) -> folder + kwargs
+    from ..models import resolve_model, source_kwargs  # "smollm2" -> the embedded GGUF folder + gguf_file
 
     name, kwargs = resolve_model(name, kwargs)
     if _FACTORY_RE.match(name) and not os.path.exists(name):
@@ -70,7 +70,7 @@ def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]]
 
     from ..architectures import spec_for
 
-    cfg_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+    cfg_kwargs = source_kwargs(kwargs)
     try:
         config = AutoConfig.from_pretrained(name, **cfg_kwargs)
     except (OSError, ValueError) as exc:
