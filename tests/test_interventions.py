@@ -308,30 +308,66 @@ def test_pattern_columns_ablation_with_renormalisation_matches_oracle(arch):
     assert _attn(_layers(model.hf_model)[1]).config is model.hf_model.config
 
 
+def _renormalised_pattern_oracle(model, batch, layer, h, edit_row):
+    """Logits of the HF model whose head ``h`` of ``layer`` reads the eager pattern edited by ``edit_row(p_r, s, n)``
+    (in place, on row r's ``[q, k]`` probabilities, real tokens at s..s+n-1)."""
+    hd = _head_dim(model.hf_model)
+    w, v = _capture_pattern_inputs(model, batch, layer, h)
+    p = w[:, h].clone()
+    for r, (s, n) in enumerate(zip(*_spans(batch))):
+        edit_row(p[r], s, n)
+    head_out = p @ v
+
+    def replace(t):
+        t[..., h * hd:(h + 1) * hd] = head_out
+        return t
+
+    return _oracle(model, batch, [(_o_proj(_layers(model.hf_model)[layer]), "pre", _pre_edit(replace))])
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
 def test_pre_softmax_minus_inf_equals_post_softmax_zero_with_renorm(arch):
     model = hooked(arch)
     pre = Intervention("grid_pre_softmax", "pattern_L2H3", (["last"], [0, 2]), torch.full((1, 2), -1e9))
     post = Intervention("grid", "pattern_L2H3", (["last"], [0, 2]), "ablation", apply_softmax=True)
+
+    def zero_0_and_2_of_last(p, s, n):  # the last real query row: keys at real tokens 0 and 2 zeroed, renormalised
+        q = s + n - 1
+        p[q, [s, s + 2]] = 0
+        p[q] /= p[q].sum()
+
+    oracle = _renormalised_pattern_oracle(model, BATCH, 2, 3, zero_0_and_2_of_last)
     a = _ours(model, BATCH, [pre])["logits"]
     b = _ours(model, BATCH, [post])["logits"]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _compare(b, oracle, BATCH)
+    _compare(a, oracle, BATCH)
     assert (a - _ours(model, BATCH, None)["logits"]).abs().max() > 1e-4
 
 
 def test_pattern_rows_scaling_and_patch_tensor():
     model = hooked("llama")
     cfg = ExtractionConfig(extract_attn_pattern=True, attn_heads=[{"layer": 0, "head": 2}])
-    clean = model.forward(BATCH, ["all"], extraction_config=cfg)["pattern_L0H2"]
-    rows = _ours(model, BATCH, [Intervention("rows", "pattern_L0H2", ["last"], "ablation",
-                                             multiplication_value=0.5)], cfg)["pattern_L0H2"]
-    _, lens = _spans(BATCH)
-    for r, n in enumerate(lens):
-        torch.testing.assert_close(rows[r, n - 1], clean[r, n - 1] * 0.5)
-        torch.testing.assert_close(rows[r, :n - 1], clean[r, :n - 1])
-    # a tensor patch replaces the selected entries (rows x columns of the grid)
+    hf_pattern = _capture_pattern_inputs(model, BATCH, 0, 2)[0][:, 2]  # HF eager weights [b, q, k]
+
+    def halve_last_row(p, s, n):
+        p[s + n - 1] *= 0.5
+
+    ours = _ours(model, BATCH, [Intervention("rows", "pattern_L0H2", ["last"], "ablation", multiplication_value=0.5)],
+                 cfg)
+    _compare(ours["logits"], _renormalised_pattern_oracle(model, BATCH, 0, 2, halve_last_row), BATCH)
+    starts, lens = _spans(BATCH)
+    for r, (s, n) in enumerate(zip(starts, lens)):  # the extracted pattern is the edited one
+        real = hf_pattern[r, s:s + n, s:s + n]
+        torch.testing.assert_close(ours["pattern_L0H2"][r, n - 1, :n], real[n - 1] * 0.5, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours["pattern_L0H2"][r, :n - 1, :n], real[:n - 1], rtol=1e-5, atol=1e-6)
+    # a tensor patch replaces the selected entries (rows x columns of the grid), nothing renormalised
     patch = torch.tensor([[0.25, 0.75]])
+
+    def set_last_row(p, s, n):
+        p[s + n - 1, s], p[s + n - 1, s + n - 1] = 0.25, 0.75
+
     out = _ours(model, BATCH, [Intervention("grid", "pattern_L0H2", (["last"], [0, "last"]), patch)], cfg)
+    _compare(out["logits"], _renormalised_pattern_oracle(model, BATCH, 0, 2, set_last_row), BATCH)
     for r, n in enumerate(lens):
         torch.testing.assert_close(out["pattern_L0H2"][r, n - 1, [0, n - 1]], patch[0])
 
@@ -371,21 +407,75 @@ def test_bad_interventions_fail_before_running(iv, exc):
 
 def test_register_and_clean_interventions():
     model = hooked("qwen2")
+    mlp0 = _layers(model.hf_model)[0].mlp
+    starts, lens = _spans(BATCH)
+
+    def zero_real(t):
+        for r, (s, n) in enumerate(zip(starts, lens)):
+            t[r, s:s + n] = 0
+        return t
+
+    ablated = _oracle(model, BATCH, [(mlp0, "out", _out_edit(zero_real))])
+    plain = _oracle(model, BATCH, [])
+    assert (ablated - plain).abs().max() > 1e-3  # the oracle's edit matters
     iv = Intervention("full", "mlp_out_0", ["all"], "ablation")
-    once = _ours(model, BATCH, [iv])["logits"]
-    clean = _ours(model, BATCH, None)["logits"]
+    _compare(_ours(model, BATCH, [iv])["logits"], ablated, BATCH)
     model.register_interventions([iv])
     try:
-        torch.testing.assert_close(_ours(model, BATCH, None)["logits"], once)
+        _compare(_ours(model, BATCH, None)["logits"], ablated, BATCH)  # registered: applied without being passed
     finally:
         model.clean_interventions()
-    torch.testing.assert_close(_ours(model, BATCH, None)["logits"], clean)
+    _compare(_ours(model, BATCH, None)["logits"], plain, BATCH)  # cleaned: the plain model again
 
 
 def test_generate_with_pattern_and_steering_interventions():
+    """Greedy generation with interventions equals HF generate with the same edits made by hand-written hooks on
+    the prompt pass (interventions are prompt-only, see interventions.py), and differs from plain generation."""
     model = hooked("llama")
+    hf, hd, h = model.hf_model, _head_dim(model.hf_model), 0
+    vec = torch.linspace(-2.0, 2.0, D)
+    starts, lens = _spans(BATCH)
+    seq = BATCH["input_ids"].shape[1]
+    # column 0 (each row's first real token) of layer 0 head 0 zeroed for every query, rows renormalised;
+    # the first query row then sums to 0 and stays 0
+    w, v = _capture_pattern_inputs(model, BATCH, 0, h)
+    p = w[:, h].clone()
+    for r, (s, n) in enumerate(zip(starts, lens)):
+        p[r, s:s + n, s] = 0
+        sums = p[r, s:s + n].sum(-1, keepdim=True)
+        p[r, s:s + n] = torch.where(sums > 0, p[r, s:s + n] / sums.clamp(min=1e-30), p[r, s:s + n])
+    head_out = p @ v
+
+    def prompt_pass(fn):
+        return lambda t: fn(t) if t.shape[1] == seq else t
+
+    def replace_head(t):
+        t[..., h * hd:(h + 1) * hd] = head_out
+        return t
+
+    def steer_last(t):
+        for r, (s, n) in enumerate(zip(starts, lens)):
+            t[r, s + n - 1] += vec
+        return t
+
+    layers = _layers(hf)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    handles = [_o_proj(layers[0]).register_forward_pre_hook(_pre_edit(prompt_pass(replace_head)), with_kwargs=True),
+               layers[0].register_forward_hook(_out_edit(prompt_pass(steer_last)), with_kwargs=True)]
+    try:
+        with eager(hf), torch.no_grad():
+            oracle = hf.generate(input_ids=BATCH["input_ids"], attention_mask=BATCH["attention_mask"], **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        plain = hf.generate(input_ids=BATCH["input_ids"], attention_mask=BATCH["attention_mask"], **kw)
     ivs = [Intervention("columns", "pattern_L0H0", [0], "ablation", apply_softmax=True),
-           Intervention("full", "resid_out_0", ["last"], "steering", steering_vector=torch.ones(D))]
-    out = model.generate(BATCH, interventions=ivs, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape == (3, 10)
+           Intervention("full", "resid_out_0", ["last"], "steering", steering_vector=vec)]
+    out = model.generate(BATCH, interventions=ivs, **kw)
+    assert len(out.logits) == len(oracle.logits) == 4
+    for step, (got, want, base) in enumerate(zip(out.logits, oracle.logits, plain.logits)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+        assert (got - base).abs().max() > 1e-2, f"step {step}: the interventions changed nothing"
+    assert torch.equal(out.sequences, oracle.sequences) and not torch.equal(out.sequences, plain.sequences)
     assert model.hf_model.config._attn_implementation == "sdpa"
