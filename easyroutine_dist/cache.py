@@ -2,6 +2,8 @@
 
 Tensors are stored as ``[batch, positions, ...]``. Concatenation is lazy: ``cat`` appends chunks to a list and
 the first read joins them with one ``torch.cat``, so concatenating n batches costs O(n), not O(n^2).
+Caches made by ``HookedModel.forward`` carry a slot layout (see :mod:`easyroutine_dist.slots`): concatenation moves
+each chunk's position groups to one merged layout, so variable-width groups never shift other groups' slots.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .errors import ConfigError
+from .slots import LAYOUT_KEY, POS, SlotLayout, mapping_of, relayout
 
 #: keys that describe the cache rather than hold per-example activations
-INFO_KEYS = ("mapping_index", "token_dict", "metadata")
+INFO_KEYS = ("mapping_index", "token_dict", "metadata", LAYOUT_KEY)
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...], fill: float | bool = 0) -> torch.Tensor:
@@ -44,9 +47,6 @@ def _merge_info(key: str, mine: Any, other: Any) -> Any:
     """How the non-tensor entries combine when two caches are concatenated along the batch."""
     if key == "token_dict" and isinstance(mine, dict) and isinstance(other, dict):
         return {k: list(mine.get(k, [])) + list(other.get(k, [])) for k in {**mine, **other}}
-    if key == "mapping_index" and isinstance(mine, dict) and isinstance(other, dict):
-        # position layouts may only differ by the length of variable groups; keep the widest
-        return {k: max(mine.get(k, []), other.get(k, []), key=len) for k in {**mine, **other}}
     if isinstance(mine, list) and isinstance(other, list):
         return mine + other
     return mine
@@ -57,7 +57,8 @@ class ActivationCache:
 
     def __init__(self) -> None:
         self._data: dict[str, Any] = {}
-        self._chunks: dict[str, list[torch.Tensor]] = {}
+        #: pending concatenation: key -> [(chunk, the chunk's slot layout or None)]
+        self._chunks: dict[str, list[tuple[Any, SlotLayout | None]]] = {}
         self._aggregations: dict[str, Callable[[list[Any]], Any]] = {}
         self._info: dict[str, Any] = {}
 
@@ -67,7 +68,17 @@ class ActivationCache:
         if chunks is None:
             return
         agg = self._aggregation_for(key)
-        self._data[key] = agg(chunks) if agg else _cat_tensors(chunks)
+        if agg:
+            self._data[key] = agg([c for c, _ in chunks])
+            return
+        dst = self.layout()
+        moved = [relayout(c, key, lay, dst) if lay is not None and dst is not None else c for c, lay in chunks]
+        self._data[key] = _cat_tensors(moved)
+
+    def layout(self) -> SlotLayout | None:
+        """This cache's slot layout (None for caches not made by ``HookedModel.forward``)."""
+        raw = self._data.get(LAYOUT_KEY)
+        return None if raw is None else SlotLayout.from_json(raw)
 
     def _aggregation_for(self, key: str) -> Callable[[list[Any]], Any] | None:
         for prefix, fn in self._aggregations.items():
@@ -147,7 +158,19 @@ class ActivationCache:
                 self._data[k] = other[k]
             self._aggregations.update(other._aggregations)
             return
+        mine, theirs = self.layout(), other.layout()
+        merged = mine.merge(theirs) if mine is not None and theirs is not None else None
+        if merged is None:
+            ma, mb = self._data.get("mapping_index"), other._data.get("mapping_index")
+            if isinstance(ma, dict) and isinstance(mb, dict) and ma != mb:
+                raise ConfigError(
+                    f"ActivationCache.cat: the position layouts differ (mapping_index {ma} vs {mb}) and at least one "
+                    f"cache has no '{LAYOUT_KEY}' saying where each group's slots are (it was built by hand or saved "
+                    "by an older version), so rows cannot be aligned. Extract both with HookedModel.forward, or "
+                    "keep them as separate caches (QueryResult.iter_parts).")
         for key in other._data:
+            if key == LAYOUT_KEY or (key == "mapping_index" and merged is not None):
+                continue
             value = other[key]
             if key not in self._data:
                 self._data[key] = value
@@ -155,10 +178,14 @@ class ActivationCache:
             if isinstance(value, torch.Tensor) or self._aggregation_for(key):
                 chunks = self._chunks.setdefault(key, [])
                 if not chunks:
-                    chunks.append(self._data[key])
-                chunks.append(value)
+                    chunks.append((self._data[key], mine))
+                chunks.append((value, theirs))
             else:
                 self._data[key] = _merge_info(key, self._data[key], value)
+        if merged is not None:
+            self._data[LAYOUT_KEY] = merged.to_json()
+            if POS in merged.axes:
+                self._data["mapping_index"] = mapping_of(merged.axes[POS])
 
     @classmethod
     def concat(cls, caches: Iterable["ActivationCache"]) -> "ActivationCache":

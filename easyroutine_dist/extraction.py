@@ -18,6 +18,9 @@ from .architectures import ArchSpec, ModelShape
 from .config import ExtractionConfig
 from .errors import ConfigError
 from .sites import Site, pick, resolve, take_cols
+from .slots import PATTERN_COL_VALID_KEY, PATTERN_ROW_VALID_KEY, POS, VALID_KEY, SlotLayout, mapping_of
+
+_MASK_OF = {POS: VALID_KEY, "pattern_rows": PATTERN_ROW_VALID_KEY, "pattern_cols": PATTERN_COL_VALID_KEY}
 
 _PER_LAYER = {
     "extract_resid_in": "resid_in_{i}", "extract_resid_mid": "resid_mid_{i}", "extract_resid_out": "resid_out_{i}",
@@ -170,48 +173,83 @@ class Extractor:
             stack.callback(handle.remove)
 
 
-def reduce_positions(out: dict[str, Any], cfg: ExtractionConfig, mapping: dict[str, list[int]],
-                     valid: torch.Tensor) -> dict[str, list[int]]:
-    """Apply ``avg`` (mean over each position group: P -> n_groups) and ``avg_over_example`` (batch -> 1)."""
+def _slot_weight(key: str, v: torch.Tensor, layout: SlotLayout, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1.0 on real slots, 0.0 on padded ones, shaped to broadcast against ``v`` ``[batch, slots..., ...]``."""
+    axes = layout.keys.get(key, ())
+    w = torch.ones(v.shape[0], *([1] * (v.dim() - 1)), dtype=torch.float32, device=v.device)
+    for dim, axis in enumerate(axes, start=1):
+        m = masks[_MASK_OF[axis]].to(v.device, torch.float32)
+        shape = [v.shape[0]] + [1] * (v.dim() - 1)
+        shape[dim] = m.shape[1]
+        w = w * m.reshape(shape)
+    return w
+
+
+def example_sums(out: dict[str, Any], layout: SlotLayout,
+                 masks: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per key, the float64 sum over the batch of real slots ``[1, ...]`` and how many rows were real there."""
+    sums = {}
+    for key, v in out.items():
+        if not isinstance(v, torch.Tensor) or v.dim() < 1 or key in masks:
+            continue
+        w = _slot_weight(key, v, layout, masks).double()
+        sums[key] = ((v.double() * w).sum(0, keepdim=True), w.sum(0, keepdim=True))
+    return sums
+
+
+def reduce_positions(out: dict[str, Any], cfg: ExtractionConfig, layout: SlotLayout,
+                     masks: dict[str, torch.Tensor]) -> None:
+    """Apply ``avg`` (mean over the real slots of each position group: P -> n_groups) and ``avg_over_example``
+    (mean over the rows that are real at each slot: batch -> 1), in place on ``out``, ``layout`` and ``masks``."""
     if cfg.avg:
+        groups = mapping_of(layout.axes[POS])
+        valid = masks[VALID_KEY]
         for key, v in out.items():
-            if not isinstance(v, torch.Tensor) or key.startswith("pattern_"):
+            if layout.keys.get(key) != (POS,) or key in masks:
                 continue
             parts = []
-            for slots in mapping.values():
+            for slots in groups.values():
                 m = valid[:, slots].to(v.device, v.dtype).reshape(v.shape[0], len(slots), *([1] * (v.dim() - 2)))
                 parts.append((v[:, slots] * m).sum(1) / m.sum(1).clamp(min=1))
             out[key] = torch.stack(parts, dim=1)
-        mapping = {spec: [g] for g, spec in enumerate(mapping)}
+        masks[VALID_KEY] = torch.stack([valid[:, slots].any(1) for slots in groups.values()], dim=1)
+        layout.axes[POS] = [(name, 1) for name, _ in layout.axes[POS]]
     if cfg.avg_over_example:
-        for key, v in out.items():
-            if isinstance(v, torch.Tensor) and v.dim() >= 1:
-                out[key] = v.float().mean(0, keepdim=True).to(v.dtype) if v.is_floating_point() else v[:1]
-    return mapping
+        for key, (total, count) in example_sums(out, layout, masks).items():
+            v = out[key]
+            mean = total / count.clamp(min=1)
+            out[key] = mean.to(v.dtype) if v.is_floating_point() else v[:1]
+        for name, m in masks.items():
+            masks[name] = m.any(0, keepdim=True)
 
 
 def reduce_patterns(out: dict[str, Any], cfg: ExtractionConfig, row_groups: dict[str, list[int]],
-                    col_groups: dict[str, list[int]], row_abs: torch.Tensor) -> None:
-    """``attn_pattern_avg``: reduce each pattern ``[b, P_rows, P]`` over (row group, column group) blocks.
+                    col_groups: dict[str, list[int]], row_abs: torch.Tensor, row_valid: torch.Tensor,
+                    col_valid: torch.Tensor) -> None:
+    """``attn_pattern_avg``: reduce each pattern ``[b, P_rows, P]`` over (row group, column group) blocks, over
+    real (row, column) slot pairs only.
 
     "mean"/"sum" give ``[b, G_rows, G_cols]``; "baseline_ratio" divides the block mean by the mean a uniform causal
-    attention (``1 / (q + 1)`` at real-token position q) would give in the same block.
+    attention (``1 / (q + 1)`` at real-token position q) would give over the same block's real rows.
     """
     if cfg.attn_pattern_avg == "none":
         return
     for key in [k for k in out if k.startswith("pattern_")]:
         w = out[key]
+        rv, cv = row_valid.to(w.device, w.dtype), col_valid.to(w.device, w.dtype)
         blocks = []
         for rs in row_groups.values():
             row = []
             for cs in col_groups.values():
-                block = w[:, rs][:, :, cs]
+                m = rv[:, rs][:, :, None] * cv[:, cs][:, None, :]
+                total = (w[:, rs][:, :, cs] * m).sum((1, 2))
                 if cfg.attn_pattern_avg == "sum":
-                    row.append(block.sum((1, 2)))
+                    row.append(total)
                     continue
-                mean = block.mean((1, 2))
+                mean = total / m.sum((1, 2)).clamp(min=1)
                 if cfg.attn_pattern_avg == "baseline_ratio":
-                    base = (1.0 / (row_abs[:, rs].to(w.device, w.dtype) + 1)).mean(1)
+                    r = rv[:, rs]
+                    base = ((1.0 / (row_abs[:, rs].to(w.device, w.dtype) + 1)) * r).sum(1) / r.sum(1).clamp(min=1)
                     mean = mean / base
                 row.append(mean)
             blocks.append(torch.stack(row, dim=1))

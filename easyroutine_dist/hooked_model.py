@@ -13,10 +13,12 @@ from .architectures import ArchSpec, ModelShape, spec_for
 from .cache import ActivationCache
 from .config import ExtractionConfig
 from .errors import ConfigError
-from .extraction import Extractor, Gathered, check_config, reduce_patterns, reduce_positions
+from .extraction import Extractor, Gathered, check_config, example_sums, reduce_patterns, reduce_positions
 from .intervention_spec import Intervention
 from .models import source_kwargs
 from .positions import resolve_positions, spec_key, validate_specs
+from .slots import (LAYOUT_KEY, PATTERN_AXES, PATTERN_COL_VALID_KEY, PATTERN_ROW_VALID_KEY, POS, VALID_KEY,
+                    SlotLayout, groups_of, mapping_of, relayout)
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +143,16 @@ class HookedModel:
     def forward(self, inputs: Any, target_token_positions: list = ["all"], pivot_positions: Any = None,
                 extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
                 external_cache: ActivationCache | None = None, batch_idx: int | None = None,
-                move_to_cpu: bool = False, vocabulary_index: Any = None) -> ActivationCache:
+                move_to_cpu: bool = False, vocabulary_index: Any = None, *, position_seed: int = 0,
+                row_offset: int = 0) -> ActivationCache:
         """Run the model on ``inputs`` (``input_ids``/``attention_mask`` ``[batch, seq]``) and extract.
 
         Every activation is ``[batch, P, ...]`` where P is the target positions of all requested groups
         concatenated; ``cache["mapping_index"]`` maps each group to its slots and ``cache["token_dict"]`` to the
         positions within each unpadded prompt. Left and right padding give the same result as unpadded prompts.
+        ``cache["valid_mask"]`` ``[batch, P]`` is False on the padded slots of variable-width groups (zeros), and
+        ``cache["slot_layout"]`` says where each group lives so caches concatenate exactly (see ``slots``).
+        Random specs draw from ``position_seed`` and each row's dataset index ``row_offset + r``.
         """
         cfg = extraction_config
         sites = check_config(cfg, self.spec, self.model_config)
@@ -158,10 +164,11 @@ class HookedModel:
 
             validate_interventions(all_interventions, self)
         ids, mask = self._prepare(inputs)
-        resolved = resolve_positions(specs, mask, pivot_positions)
+        resolved = resolve_positions(specs, mask, pivot_positions, seed=position_seed, row_offset=row_offset)
         rows = resolved
         if cfg.attn_pattern_row_positions is not None:
-            rows = resolve_positions(validate_specs(list(cfg.attn_pattern_row_positions)), mask, pivot_positions)
+            rows = resolve_positions(validate_specs(list(cfg.attn_pattern_row_positions)), mask, pivot_positions,
+                                     seed=position_seed, row_offset=row_offset)
         gathered = Gathered(resolved.index, resolved.valid, rows.index, rows.valid)
         device = self.device
         ids, mask_d = ids.to(device), mask.to(device)
@@ -190,57 +197,93 @@ class HookedModel:
                 out["logits"] = out["logits"].cpu()
         if cfg.save_input_ids:
             out["input_ids"] = gathered.take(ids).to("cpu" if move_to_cpu else ids.device)
+        layout, masks = self._layout(out, cfg, rows, resolved)
         # position of each pattern row within its unpadded prompt (for the "baseline_ratio" reduction)
         row_abs = rows.index - mask.argmax(-1)[:, None]
-        reduce_patterns(out, cfg, rows.mapping_index, resolved.mapping_index, row_abs)
-        mapping = reduce_positions(out, cfg, dict(resolved.mapping_index), resolved.valid)
+        reduce_patterns(out, cfg, rows.mapping_index, resolved.mapping_index, row_abs, rows.valid, resolved.valid)
+        reduce_positions(out, cfg, layout, masks)
         cache = external_cache if external_cache is not None else ActivationCache()
         for key in keys + [k for k in ("logits", "input_ids") if k in out]:
             cache[key] = out[key]
-        cache["mapping_index"] = mapping
+        for key, m in masks.items():
+            cache[key] = m.to("cpu") if move_to_cpu else m
+        cache["mapping_index"] = mapping_of(layout.axes[POS])
         cache["token_dict"] = resolved.token_dict
+        cache[LAYOUT_KEY] = layout.to_json()
         if batch_idx is not None:
             cache["batch_idx"] = batch_idx
         return cache
 
     __call__ = forward
 
+    @staticmethod
+    def _layout(out: dict[str, Any], cfg: ExtractionConfig, rows: Any, cols: Any
+                ) -> tuple[SlotLayout, dict[str, torch.Tensor]]:
+        """The slot layout of one forward's outputs and their validity masks ``{name: [batch, slots]}``."""
+        layout = SlotLayout({POS: groups_of(cols.mapping_index)})
+        masks = {VALID_KEY: cols.valid}
+        patterns = [k for k in out if k.startswith("pattern_")]
+        layout.add_keys([k for k in out if k not in patterns] + [VALID_KEY])
+        if patterns and cfg.attn_pattern_avg == "none":
+            layout.axes[PATTERN_AXES[0]] = groups_of(rows.mapping_index)
+            layout.axes[PATTERN_AXES[1]] = groups_of(cols.mapping_index)
+            layout.add_keys(patterns, PATTERN_AXES)
+            layout.add_keys([PATTERN_ROW_VALID_KEY], PATTERN_AXES[:1])
+            layout.add_keys([PATTERN_COL_VALID_KEY], PATTERN_AXES[1:])
+            masks[PATTERN_ROW_VALID_KEY] = rows.valid
+            masks[PATTERN_COL_VALID_KEY] = cols.valid
+        return layout, masks
+
     # ------------------------------------------------------------------ datasets
     def extract_cache(self, dataloader: Iterable[dict[str, Any]], target_token_positions: list,
                       extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
                       batch_saver: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda batch: None,
-                      move_to_cpu_after_forward: bool = True, **forward_kwargs: Any) -> ActivationCache:
+                      move_to_cpu_after_forward: bool = True, *, position_seed: int = 0, row_offset: int = 0,
+                      **forward_kwargs: Any) -> ActivationCache:
         """Forward every batch of ``dataloader`` (any iterable, generators included) and concatenate the caches
-        along the batch axis in linear time. Each batch may carry ``pivot_positions``; ``batch_saver(batch)``
-        returns extra per-batch fields to keep. Adds ``cache["metadata"]``."""
+        along the batch axis in linear time, in one slot layout. Each batch may carry ``pivot_positions``;
+        ``batch_saver(batch)`` returns extra per-batch fields to keep. ``row_offset`` is the dataset index of the
+        first row (random position specs draw per dataset row, see ``positions``). With ``avg_over_example`` the
+        result is ``[1, ...]``: the mean over every row of every batch that is real at each slot.
+        Adds ``cache["metadata"]``."""
         specs = validate_specs(list(target_token_positions))  # malformed specs fail before the first batch
+        cfg = extraction_config
+        per_batch_cfg = ExtractionConfig.from_dict({**cfg.to_dict(), "avg_over_example": False}) \
+            if isinstance(cfg, ExtractionConfig) and cfg.avg_over_example else cfg
         parts: list[ActivationCache] = []
+        mean = _ExampleMean() if per_batch_cfg is not cfg else None
         total = len(dataloader) if hasattr(dataloader, "__len__") else None
-        n_rows = 0
+        n_rows = n_batches = 0
         for batch in tqdm(dataloader, total=total, desc="extract_cache", unit="batch", disable=None):
             pivots = batch.get("pivot_positions") if hasattr(batch, "get") else None
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
             cache = self.forward(inputs, target_token_positions, pivot_positions=pivots,
-                                 extraction_config=extraction_config, interventions=interventions,
-                                 move_to_cpu=move_to_cpu_after_forward, **forward_kwargs)
+                                 extraction_config=per_batch_cfg, interventions=interventions,
+                                 move_to_cpu=move_to_cpu_after_forward, position_seed=position_seed,
+                                 row_offset=row_offset + n_rows, **forward_kwargs)
+            ids = torch.as_tensor(inputs["input_ids"])
+            n_rows += int(ids.shape[0]) if ids.dim() > 1 else 1
+            n_batches += 1
+            if mean is not None:
+                mean.add(cache)
+                continue
             extra = batch_saver(batch)
             if extra:
                 for k, v in extra.items():
                     cache[k] = v if isinstance(v, torch.Tensor) else [v]
-            ids = torch.as_tensor(inputs["input_ids"])
-            n_rows += int(ids.shape[0]) if ids.dim() > 1 else 1
             parts.append(cache)
-        if not parts:
+        if not n_batches:
             raise ConfigError("extract_cache got an empty dataloader; pass at least one batch.")
-        out = ActivationCache.concat(parts)
+        out = mean.result() if mean is not None else ActivationCache.concat(parts)
         out["metadata"] = {
             "model_name": self.model_name,
             "model_config": self.model_config.to_dict(),
             "target_token_positions": [spec_key(s) for s in specs],
             "extraction_config": extraction_config.to_dict(),
             "interventions": [iv.to_dict() for iv in (list(self._persistent) + list(interventions or []))],
+            "position_seed": int(position_seed),
             "n_examples": n_rows,
-            "n_batches": len(parts),
+            "n_batches": n_batches,
         }
         return out
 
@@ -269,3 +312,56 @@ class HookedModel:
             return self.hf_model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           **generate_kwargs)
 
+
+
+class _ExampleMean:
+    """Running mean over the rows of many batches, per slot, over real slots only (float64 sums, merged layouts)."""
+
+    def __init__(self) -> None:
+        self.layout: SlotLayout | None = None
+        self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.info: dict[str, Any] = {}
+        self.firsts: dict[str, tuple[torch.Tensor, SlotLayout]] = {}
+        self.token_dict: dict[str, list[Any]] = {}
+
+    def add(self, cache: ActivationCache) -> None:
+        layout = cache.layout()
+        masks = {k: cache[k] for k in (VALID_KEY, PATTERN_ROW_VALID_KEY, PATTERN_COL_VALID_KEY) if k in cache}
+        tensors = {k: cache[k] for k in cache.tensor_keys() if k not in masks}
+        for k, v in tensors.items():  # token ids have no mean: keep the first row, as a forward does
+            if not v.is_floating_point() and k not in self.firsts:
+                self.firsts[k] = (v[:1], layout)
+        new = example_sums({k: v for k, v in tensors.items() if v.is_floating_point()}, layout, masks)
+        for k, m in masks.items():
+            new[k] = (m.any(0, keepdim=True).double(), torch.ones(1, *m.shape[1:], dtype=torch.float64))
+        merged = layout if self.layout is None else self.layout.merge(layout)
+        for key, (total, count) in new.items():
+            total, count = relayout(total, key, layout, merged), relayout(count, key, layout, merged)
+            if key in self.sums:
+                old_t, old_c = (relayout(t, key, self.layout, merged) for t in self.sums[key])
+                total, count = total + old_t, count + old_c
+            self.sums[key] = (total, count)
+            self.dtypes.setdefault(key, cache[key].dtype)
+        self.layout = merged
+        self.info = {k: cache[k] for k in cache.keys() if k not in cache.tensor_keys() and k != "token_dict"}
+        for spec, per_row in (cache.get("token_dict") or {}).items():
+            self.token_dict.setdefault(spec, []).extend(per_row)
+
+    def result(self) -> ActivationCache:
+        out = ActivationCache()
+        for key, (total, count) in self.sums.items():
+            dtype = self.dtypes[key]
+            if dtype == torch.bool:
+                out[key] = total > 0
+            else:
+                out[key] = (total / count.clamp(min=1)).to(dtype)
+        for k, v in self.info.items():
+            out[k] = v
+        assert self.layout is not None
+        out[LAYOUT_KEY] = self.layout.to_json()
+        out["mapping_index"] = mapping_of(self.layout.axes[POS])
+        for key, (first, layout) in self.firsts.items():
+            out[key] = relayout(first, key, layout, self.layout)
+        out["token_dict"] = self.token_dict
+        return out

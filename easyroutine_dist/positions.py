@@ -25,10 +25,12 @@ Specs (one list, groups concatenated in request order on the position axis ``P``
 * ``"random-inputs-partition-K"`` / ``"random-inputs-partition-K-N"``: same within partition K.
 
 Random specs draw ``torch.randperm`` from a ``torch.Generator`` seeded with
-``crc32(f"{seed}:{row}:{spec_key}")``: deterministic given (seed, row index in the batch, the
-row's real length, spec), independent of padding side and of the other rows' contents. Callers
-that resolve many batches should vary ``seed`` per batch (e.g. ``base_seed + batch_index``) if
-they want different draws for the same row slot. Padding is never sampled.
+``crc32(f"{seed}:{row}:{spec_key}")`` where ``row = row_offset + r`` is the row's GLOBAL index in the
+dataset (``r`` its index in the batch): deterministic given (seed, global row, the row's real length,
+spec), independent of padding side, of batch and partition boundaries and of the other rows. So
+equal-length rows of different batches get different draws, and a distributed run and a
+single-process run of the same data with the same seed pick the same positions. Padding is never
+sampled.
 
 Strictness: a spec that selects zero positions in any row, an int out of range for a row, a
 malformed spec, duplicate specs, a non-contiguous mask or an all-zero mask row raise
@@ -245,16 +247,16 @@ def _row_pivots(pivot_positions: Any, lengths: list[int], key: str) -> list[list
     return out
 
 
-def _sample(pool: list[int], n: int, p: _Parsed, row: int, seed: int) -> list[int]:
+def _sample(pool: list[int], n: int, p: _Parsed, row: int, seed: int, global_row: int) -> list[int]:
     if n > len(pool):
         raise _fail(p.key, f"asks for {n} random positions but only {len(pool)} are available",
                     "ask for fewer positions", row=row)
-    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{row}:{p.key}".encode()))
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{global_row}:{p.key}".encode()))
     perm = torch.randperm(len(pool), generator=g)[:n].tolist()
     return sorted(pool[i] for i in perm)
 
 
-def _select(p: _Parsed, row: int, n: int, pivots: list[list[int]] | None, seed: int) -> list[int]:
+def _select(p: _Parsed, row: int, n: int, pivots: list[list[int]] | None, seed: int, row_offset: int = 0) -> list[int]:
     """Positions (within the row's ``n`` real tokens) selected by ``p`` for one row."""
     if p.kind == "int":
         i = p.a if p.a is not None else 0
@@ -277,7 +279,7 @@ def _select(p: _Parsed, row: int, n: int, pivots: list[list[int]] | None, seed: 
         raise _fail(p.key, f"selects zero positions in a row of length {n}",
                     "choose a spec that selects at least one real token in every row", row=row)
     if p.kind.startswith("random"):
-        return _sample(sel, p.b if p.b is not None else 1, p, row, seed)
+        return _sample(sel, p.b if p.b is not None else 1, p, row, seed, row_offset + row)
     return sel
 
 
@@ -286,16 +288,20 @@ def resolve_positions(
     attention_mask: torch.Tensor,
     pivot_positions: list[list[int]] | list[int] | None = None,
     seed: int = 0,
+    row_offset: int = 0,
 ) -> ResolvedPositions:
     """Resolve ``specs`` for every row of ``attention_mask`` ``[batch, seq]`` (1 = real token).
 
     Returns index/valid tensors ``[batch, P]`` on the mask's device, where ``P`` is the sum of
     the group widths; fixed-size groups have the same width in every row, variable-size groups
     ("all", ranges, partitions) are padded to the batch's longest selection with ``valid=False``.
+    ``row_offset``: the global dataset index of the batch's first row (seeds random specs, see above).
     """
     parsed = _parse_all(specs)
     if _as_int(seed) is None:
         raise _fail("seed", f"must be an int, got {seed!r}", "pass an integer seed")
+    if _as_int(row_offset) is None or int(row_offset) < 0:
+        raise _fail("row_offset", f"must be an int >= 0, got {row_offset!r}", "pass the batch's first dataset row")
     starts, lengths = _real_spans(attention_mask)
     pivots = None
     for p in parsed:
@@ -308,7 +314,7 @@ def resolve_positions(
     token_dict: dict[str, list[list[int]]] = {}
     offset = 0
     for p in parsed:
-        sel = [_select(p, r, n, pivots, int(seed)) for r, n in enumerate(lengths)]
+        sel = [_select(p, r, n, pivots, int(seed), int(row_offset)) for r, n in enumerate(lengths)]
         width = max(len(s) for s in sel)
         for r, s in enumerate(sel):
             pad = width - len(s)

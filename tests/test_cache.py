@@ -39,12 +39,24 @@ def test_cat_concatenates_on_the_batch_axis_and_merges_info():
     assert c["resid_out_0"].shape[0] == 2
 
 
-def test_cat_pads_variable_positions_with_zeros():
-    a, b = _cache(1, 0, positions=2), _cache(1, 1, positions=4)
-    a.cat(b)
-    assert a["resid_out_0"].shape == (2, 4, 4)
-    assert torch.count_nonzero(a["resid_out_0"][0, 2:]) == 0
-    assert a["mapping_index"]["last"] == [0, 1, 2, 3]
+def test_cat_moves_each_group_to_its_merged_slots():
+    """Two caches laid out as {"all": w, "last": 1} with w = 2 and 3: "last" lands after the widest "all"."""
+    from easyroutine_dist.slots import SlotLayout
+
+    def part(width: int, value: float) -> ActivationCache:
+        c = ActivationCache()
+        c["x"] = torch.cat([torch.full((1, width, 2), value), torch.full((1, 1, 2), -value)], dim=1)
+        c["valid_mask"] = torch.ones(1, width + 1, dtype=torch.bool)
+        c["mapping_index"] = {"all": list(range(width)), "last": [width]}
+        c["slot_layout"] = SlotLayout({"pos": [("all", width), ("last", 1)]},
+                                      {"x": ("pos",), "valid_mask": ("pos",)}).to_json()
+        return c
+
+    a = part(2, 1.0)
+    a.cat(part(3, 2.0))
+    assert a["mapping_index"] == {"all": [0, 1, 2], "last": [3]}
+    assert a["x"][:, :, 0].tolist() == [[1.0, 1.0, 0.0, -1.0], [2.0, 2.0, 2.0, -2.0]]
+    assert a["valid_mask"].tolist() == [[True, True, False, True], [True] * 4]
 
 
 def test_cat_is_linear_in_the_number_of_batches():
