@@ -24,6 +24,20 @@ def _hf_eager(model, **kw):
         return model(**kw)
 
 
+def _hf_hidden(model, batch):
+    """Plain HF forward of a padded batch (position ids counted over real tokens): its output with hidden states."""
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                     output_hidden_states=True, use_cache=False)
+
+
+def _last_real(batch):
+    """Index ``[batch]`` of each row's last real token in the padded sequence."""
+    mask = batch["attention_mask"]
+    return mask.argmax(-1) + mask.sum(-1) - 1
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_residual_stream_matches_hf_hidden_states(arch):
     hm = hooked(arch)
@@ -186,8 +200,10 @@ def test_hooks_are_removed_after_an_error_inside_the_forward():
     handle.remove()
     assert hook_snapshot(hm.hf_model) == before
     assert hm.hf_model.config._attn_implementation == "sdpa"
-    cache = hm.forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
-    assert cache["resid_out_0"].shape == (3, 1, 32)
+    batch = random_batch()
+    cache = hm.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    hf = _hf_hidden(hm.hf_model, batch).hidden_states[1]  # nothing left over alters the numbers
+    torch.testing.assert_close(cache["resid_out_0"][:, 0], hf[torch.arange(3), _last_real(batch)], rtol=0, atol=0)
 
 
 def test_eager_switch_is_undone_after_an_error():
@@ -261,20 +277,36 @@ def test_registering_a_new_architecture():
         architectures.register("my_llama", architectures.REGISTRY["llama"])
         with pytest.raises(UnsupportedArchitectureError, match="already registered"):
             architectures.register("my_llama", architectures.REGISTRY["llama"])
-        cache = HookedModel(model).forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
-        assert cache["resid_out_2"].shape == (3, 1, 32)
+        batch = random_batch()
+        cache = HookedModel(model).forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+        hidden = _hf_hidden(model, batch).hidden_states
+        last = _last_real(batch)
+        for i in range(2):  # the registered spec hooks the right modules: HF's own hidden states
+            torch.testing.assert_close(cache[f"resid_out_{i}"][:, 0], hidden[i + 1][torch.arange(3), last],
+                                       rtol=0, atol=0)
+        with torch.no_grad():
+            normed = model.model.norm(cache["resid_out_2"][:, 0])
+        torch.testing.assert_close(normed, hidden[3][torch.arange(3), last], rtol=1e-6, atol=1e-6)
     finally:
         architectures.REGISTRY.pop("my_llama", None)
         model.config.model_type = "llama"
 
 
 def test_keep_gradient_on_input_embeddings():
+    """The gradient kept on input_embeddings equals the gradient of the same loss through HF's inputs_embeds."""
     hm = hooked("llama")
-    cache = hm.forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_embed=True, keep_gradient=True))
+    batch = random_batch()
+    cache = hm.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_embed=True, keep_gradient=True))
     cache["logits"][..., 5].sum().backward()
-    assert cache["input_embeddings"].grad is not None
-    assert cache["input_embeddings"].grad.abs().sum() > 0
     hm.hf_model.zero_grad(set_to_none=True)
+    mask, last = batch["attention_mask"], _last_real(batch)
+    emb = hm.hf_model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+    out = hm.hf_model(inputs_embeds=emb, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    out.logits[torch.arange(3), last, 5].sum().backward()
+    hm.hf_model.zero_grad(set_to_none=True)
+    want = emb.grad[torch.arange(3), last]
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(cache["input_embeddings"].grad[:, 0], want, rtol=1e-5, atol=1e-7)
 
 
 def test_avg_and_avg_over_example():
@@ -295,8 +327,10 @@ def test_pattern_averaging_over_position_groups():
     full = hm.forward(batch, ["first", (1, 4)], extraction_config=ExtractionConfig(**cfg))
     mean = hm.forward(batch, ["first", (1, 4)], extraction_config=ExtractionConfig(**cfg, attn_pattern_avg="mean"))
     assert list(full.keys())[:1] == ["pattern_L1H2"]
-    p = full["pattern_L1H2"]
+    p = _hf_eager(hm.hf_model, **batch, output_attentions=True).attentions[1][:, 2]  # HF's own [1, q, k]
     assert mean["pattern_L1H2"].shape == (1, 2, 2)
+    torch.testing.assert_close(mean["pattern_L1H2"][0, 0, 0], p[0, 0, 0])
+    torch.testing.assert_close(mean["pattern_L1H2"][0, 0, 1], p[0, 0, 1:4].mean())
     torch.testing.assert_close(mean["pattern_L1H2"][0, 1, 0], p[0, 1:4, 0].mean())
     torch.testing.assert_close(mean["pattern_L1H2"][0, 1, 1], p[0, 1:4, 1:4].mean())
 
@@ -310,10 +344,18 @@ def test_extract_cache_over_a_generator_equals_the_forwards():
     cfg = ExtractionConfig(extract_resid_out=True)
     cache = hm.extract_cache((b for b in batches), ["last", "inputs-partition-0"], extraction_config=cfg,
                              batch_saver=lambda b: {"labels": b["labels"]})
-    expected = torch.cat([hm.forward({k: b[k] for k in ("input_ids", "attention_mask")}, ["last", "inputs-partition-0"],
-                                     pivot_positions=b["pivot_positions"], extraction_config=cfg)["resid_out_1"]
-                          for b in batches])
-    torch.testing.assert_close(cache["resid_out_1"], expected)
+    row = 0
+    for b in batches:  # each batch's HF hidden states at the tokens each group names (partition 0: before the pivot)
+        hidden = _hf_hidden(hm.hf_model, b).hidden_states[2]
+        starts, lengths = b["attention_mask"].argmax(-1).tolist(), b["attention_mask"].sum(-1).tolist()
+        for r, (s, n, (pivot,)) in enumerate(zip(starts, lengths, b["pivot_positions"])):
+            for group, positions in (("last", [n - 1]), ("inputs-partition-0", list(range(pivot)))):
+                assert cache["token_dict"][group][row] == positions
+                slots = cache["mapping_index"][group][:len(positions)]
+                torch.testing.assert_close(cache["resid_out_1"][row, slots], hidden[r, [s + p for p in positions]],
+                                           rtol=1e-5, atol=1e-5, msg=f"{group} row {row}")
+            row += 1
+    assert row == 6
     assert cache["labels"].tolist() == [0, 10, 1, 11, 2, 12]
     assert cache["metadata"]["n_examples"] == 6 and cache["metadata"]["model_name"] == "tiny-gpt2"
     assert cache["metadata"]["extraction_config"]["extract_resid_out"] is True
@@ -362,10 +404,16 @@ def test_from_pretrained_passes_device_map_and_dtype_through(tmp_path, monkeypat
     assert seen["max_memory"]["cpu"] in ("2GiB", 2 * 1024**3)  # transformers normalises it in place
     assert hm.hf_model.dtype == torch.bfloat16 and hm.model_config.num_key_value_heads == 2
     assert hm.hf_model.config._attn_implementation == "eager"
-    ref = hooked("qwen2").forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
-    got = hm.forward(random_batch(), ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
-    assert got["resid_out_2"].dtype == torch.bfloat16
-    torch.testing.assert_close(got["resid_out_2"].float(), ref["resid_out_2"], rtol=0.1, atol=0.1)
+    batch = random_batch()
+    ref = hooked("qwen2").forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    got = hm.forward(batch, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
+    assert got["resid_out_1"].dtype == torch.bfloat16
+    # the loaded bf16 model's own hidden states, read by plain HF
+    bf16 = _hf_hidden(hm.hf_model, batch).hidden_states[2][torch.arange(3), _last_real(batch)]
+    torch.testing.assert_close(got["resid_out_1"][:, 0], bf16, rtol=0, atol=0)
+    # and the same weights as the float32 model: bf16 rounding only (a relative error bound zeros cannot meet)
+    err = (got["resid_out_2"].float() - ref["resid_out_2"]).norm() / ref["resid_out_2"].norm()
+    assert err < 0.03, err
 
 
 def test_from_pretrained_refuses_unknown_architecture_before_loading_weights(tmp_path):
@@ -385,6 +433,8 @@ def test_extract_cache_accepts_a_dataloader():
     loader = DataLoader(batches, batch_size=None)
     cache = hm.extract_cache(loader, ["last"], extraction_config=ExtractionConfig(extract_resid_out=True))
     assert cache["resid_out_0"].shape == (6, 1, 32) and cache["metadata"]["n_batches"] == 3
+    want = torch.cat([_hf_hidden(hm.hf_model, b).hidden_states[1][torch.arange(2), _last_real(b)] for b in batches])
+    torch.testing.assert_close(cache["resid_out_0"][:, 0], want, rtol=1e-5, atol=1e-6)
 
 
 def test_predict_and_generate():
@@ -399,8 +449,11 @@ def test_predict_and_generate():
         top = logits.topk(3)
         assert list(probs) == [f"<{int(i)}>" for i in top.indices]
         assert list(probs.values()) == pytest.approx(top.values.tolist(), rel=1e-5)
-        out = hm.generate(x, max_new_tokens=2, do_sample=False)
-        assert out.shape == (1, 5) and torch.equal(out[0, :3], x["input_ids"][0])
-        assert int(out[0, 3]) == int(top.indices[0])
+        out = hm.generate(x, max_new_tokens=3, do_sample=False)
+        greedy = x["input_ids"]
+        with torch.no_grad():
+            for _ in range(3):  # greedy decoding by hand: argmax of HF's logits, no cache
+                greedy = torch.cat([greedy, hm.hf_model(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out, greedy) and int(out[0, 3]) == int(top.indices[0])
     finally:
         hm.hf_tokenizer = None
