@@ -114,8 +114,8 @@ def test_catalog_snapshot_is_only_a_cache(local_backend):
     from easyroutine_dist.storage.catalog import COMPACT_AFTER
 
     saver = local_backend.saver("snap")
-    for i in range(COMPACT_AFTER + 2):
-        saver.save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag=str(i))
+    saved = [saver.save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag=str(i))
+             for i in range(COMPACT_AFTER + 2)]
     assert len(local_backend.loader("snap").query()) == COMPACT_AFTER + 2  # first query writes the snapshot
     snap = os.path.join(local_backend.url, "_catalog", "_snapshots", "snap.json")
     assert os.path.exists(snap)
@@ -137,7 +137,13 @@ def test_catalog_snapshot_is_only_a_cache(local_backend):
         catmod.read_bytes = real
     assert len(res) == COMPACT_AFTER + 1 and victim not in [e["run_id"] for e in res]
     assert len(reads) <= 2  # the snapshot, not one read per run
-    assert isinstance(Catalog(saver.store).entries("snap"), list)
+    # a fresh Catalog answers the same: every run saved (the paths save returned) but the one whose entry is gone,
+    # oldest first, each with its own tag
+    kept = [(str(p).rstrip("/").rsplit("/", 1)[-1], str(i)) for i, p in enumerate(saved)]
+    kept = [(run_id, tag) for run_id, tag in kept if run_id != victim]
+    assert len(kept) == COMPACT_AFTER + 1
+    assert [(e["run_id"], e["tag"]) for e in Catalog(saver.store).entries("snap")] == kept
+    assert [(e["run_id"], e["tag"]) for e in res] == kept
 
 
 def test_catalog_mtime_fast_path(local_backend):
