@@ -115,6 +115,7 @@ def extract(
     """Distributed extraction into ``base_dir``; prints the run id and where it was saved."""
     from .config import ExtractionConfig
     from .distributed import DistributedExtractor
+    from .errors import DistributedError
     from .interpretability.activation_saver import ActivationSaver
 
     job = _load_yaml(config)
@@ -125,11 +126,15 @@ def extract(
     lens_cfg = job.get("logit_lens")
     if logit_lens:
         lens_cfg = {"target_key": logit_lens, "top_k": top_k}
-    extractor = DistributedExtractor(
-        pick(model, "model", "smollm2"), num_workers=pick(num_workers, "num_workers", 1),
-        num_gpus_per_worker=pick(gpus_per_worker, "gpus_per_worker", 0),
-        num_cpus_per_worker=job.get("cpus_per_worker", 1), model_kwargs=job.get("model_kwargs"),
-        ray_address=pick(ray_address, "ray_address"))
+    try:
+        extractor = DistributedExtractor(
+            pick(model, "model", "smollm2"), num_workers=pick(num_workers, "num_workers", 1),
+            num_gpus_per_worker=pick(gpus_per_worker, "gpus_per_worker", 0),
+            num_cpus_per_worker=job.get("cpus_per_worker", 1), model_kwargs=job.get("model_kwargs"),
+            ray_address=pick(ray_address, "ray_address"))
+    except DistributedError as exc:  # e.g. the cluster refused our Ray token: its one line, nothing written
+        Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     saver = ActivationSaver(pick(base_dir, "base_dir", "./runs"), pick(experiment, "experiment", "default"))
     try:
         handle = extractor.extract(

@@ -124,8 +124,10 @@ class DistributedExtractor:
 
     # ------------------------------------------------------------------ cluster
     def _connect(self, address: Optional[str]) -> None:
+        """Join ``address`` (or start a local cluster) with Ray's own authentication settings, untouched: a local
+        cluster gets Ray's default token auth; an existing one is reached with the token this process' environment
+        provides. A refused token raises a one-line DistributedError saying how to provide it."""
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if ray.is_initialized():
             return
         try:
@@ -134,9 +136,33 @@ class DistributedExtractor:
                 ray.init(address=None, num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            if self._auth_refused(exc):
+                where = "the local Ray cluster" if address is None else f"the Ray cluster at {address!r}"
+                mode = repr(os.environ["RAY_AUTH_MODE"]) if os.environ.get("RAY_AUTH_MODE") else "unset"
+                raise DistributedError(
+                    f"{where} refused this process' authentication token (missing or wrong; RAY_AUTH_MODE is {mode} "
+                    "here): set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
+                    "RAY_AUTH_TOKEN_PATH, or in Ray's default file ~/.ray/auth_token (docs/cluster.md, Security)."
+                ) from None
+            if not isinstance(exc, (ConnectionError, RuntimeError, ValueError)):
+                raise
             raise DistributedError(f"cannot connect to the Ray cluster at {address!r}: {exc}. Start it (ray start "
                                    "--head) or pass ray_address=None for a local cluster.") from exc
+
+    @staticmethod
+    def _auth_refused(exc: BaseException) -> bool:
+        """Whether Ray refused the connection for its token (an AuthenticationError, raised directly or as the
+        cause of the GCS connection failure that ``ray.init`` reports)."""
+        seen: set[int] = set()
+        cur: Optional[BaseException] = exc
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            if isinstance(cur, ray.exceptions.AuthenticationError) or any(
+                    marker in str(cur) for marker in ("InvalidAuthToken", "AuthenticationError", "Unauthenticated")):
+                return True
+            cur = cur.__cause__ or cur.__context__
+        return False
 
     def _check_resources(self) -> None:
         res = ray.cluster_resources()

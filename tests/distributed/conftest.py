@@ -20,7 +20,6 @@ CONFIG = ExtractionConfig(extract_resid_out=True, save_logits=True)
 @pytest.fixture(scope="session")
 def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
