@@ -59,31 +59,73 @@ def requested_keys(cfg: ExtractionConfig, shape: ModelShape) -> list[str]:
 
 @dataclass
 class Gathered:
-    """Positions of one forward: ``index``/``valid`` are ``[batch, P]``; rows/cols index patterns."""
+    """Positions of one forward: ``index``/``valid`` are ``[batch, P]``; rows/cols index patterns.
+
+    Built on the host before the forward. Each device a hook runs on gets one copy of the indices per batch (the
+    first hook there makes it), and whether any slot is padding is known on the host, so no hook synchronises with
+    the device.
+    """
 
     index: torch.Tensor
     valid: torch.Tensor
     row_index: torch.Tensor
     row_valid: torch.Tensor
 
+    def __post_init__(self) -> None:
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.all_valid = bool(self.valid.all())
+        self.rows_all_valid = bool(self.row_valid.all())
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(index, valid, row_index, row_valid)`` on ``device`` (copied once per device per batch)."""
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device, non_blocking=True) for t in
+                                     (self.index, self.valid, self.row_index, self.row_valid))
+        return self._on[device]  # type: ignore[return-value]
+
     def take(self, t: torch.Tensor, rows: bool = False) -> torch.Tensor:
         """``[batch, seq, ...] -> [batch, P, ...]`` at the target positions; invalid slots are zero."""
-        index = (self.row_index if rows else self.index).to(t.device)
-        valid = (self.row_valid if rows else self.valid).to(t.device)
+        index, valid, row_index, row_valid = self.on(t.device)
+        if rows:
+            index, valid = row_index, row_valid
         out = t[torch.arange(t.shape[0], device=t.device)[:, None], index]
-        if not bool(valid.all()):
-            out = out * valid.reshape(*valid.shape, *([1] * (out.dim() - 2))).to(out.dtype)
-        return out
+        return self.zero_padding(out, valid, self.rows_all_valid if rows else self.all_valid)
+
+    @staticmethod
+    def zero_padding(out: torch.Tensor, valid: torch.Tensor, all_valid: bool) -> torch.Tensor:
+        """Zero the padded slots of ``out`` ``[batch, P, ...]`` (``valid`` ``[batch, P]`` on its device)."""
+        if all_valid:
+            return out
+        return out * valid.reshape(*valid.shape, *([1] * (out.dim() - 2))).to(out.dtype)
 
     def take_pattern(self, w: torch.Tensor) -> torch.Tensor:
         """``[batch, heads, q, k] -> [batch, heads, P_rows, P]`` (rows: row positions, columns: target positions)."""
+        index, valid, row_index, row_valid = self.on(w.device)
         b, n_heads = w.shape[:2]
-        rows = self.row_index.to(w.device)[:, None, :, None].expand(b, n_heads, -1, w.shape[-1])
+        rows = row_index[:, None, :, None].expand(b, n_heads, -1, w.shape[-1])
         w = w.gather(2, rows)
-        cols = self.index.to(w.device)[:, None, None, :].expand(b, n_heads, w.shape[2], -1)
+        cols = index[:, None, None, :].expand(b, n_heads, w.shape[2], -1)
         w = w.gather(3, cols)
-        mask = self.row_valid.to(w.device)[:, None, :, None] & self.valid.to(w.device)[:, None, None, :]
+        if self.all_valid and self.rows_all_valid:
+            return w
+        mask = row_valid[:, None, :, None] & valid[:, None, None, :]
         return w * mask.to(w.dtype)
+
+
+def to_host(out: dict[str, Any]) -> dict[str, Any]:
+    """Move every device tensor of ``out`` to the host at once: ``non_blocking`` copies into pinned memory, then one
+    stream synchronisation (a no-op for CPU tensors)."""
+    moved, sync = {}, False
+    for k, v in out.items():
+        if isinstance(v, torch.Tensor) and v.device.type != "cpu":
+            host = torch.empty(v.shape, dtype=v.dtype, pin_memory=v.device.type == "cuda")
+            moved[k] = host.copy_(v, non_blocking=True)
+            sync = sync or v.device.type == "cuda"
+        else:
+            moved[k] = v
+    if sync:
+        torch.cuda.synchronize()
+    return moved
 
 
 def _o_proj_weight(module: torch.nn.Module, conv1d: bool) -> torch.Tensor:
@@ -96,20 +138,17 @@ class Extractor:
     """Registers the hooks for one forward and collects ``{key: tensor}`` into ``self.out``."""
 
     def __init__(self, model: torch.nn.Module, spec: ArchSpec, shape: ModelShape, sites: list[tuple[str, Site]],
-                 gathered: Gathered, detach: bool, move_to_cpu: bool) -> None:
+                 gathered: Gathered, detach: bool) -> None:
         self.model, self.spec, self.shape = model, spec, shape
-        self.gathered, self.detach, self.move_to_cpu = gathered, detach, move_to_cpu
+        self.gathered, self.detach = gathered, detach
         self.out: dict[str, torch.Tensor] = {}
         self.sites: dict[tuple[str, str], list[tuple[str, Site]]] = defaultdict(list)
         for key, site in sites:  # keys sharing a hook point share one hook and one gather
             self.sites[(site.module, site.when)].append((key, site))
 
     def _store(self, key: str, value: torch.Tensor) -> None:
-        if self.detach:
-            value = value.detach()
-        if self.move_to_cpu:
-            value = value.to("cpu")
-        self.out[key] = value
+        """Keep ``value`` on its device: moving per hook would synchronise; ``to_host`` moves all after the forward."""
+        self.out[key] = value.detach() if self.detach else value
 
     def _handle(self, module: torch.nn.Module, items: list[tuple[str, Site]], args: tuple, kwargs: dict,
                 output: Any) -> Any:
@@ -139,7 +178,7 @@ class Extractor:
         logits and ``cache["input_embeddings"].grad`` is filled by ``backward()``. Slots of variable-length
         groups that are not valid repeat a real position instead of being zeroed."""
         h = pick(args, kwargs, None, "hidden")
-        index = self.gathered.index.to(h.device)
+        index = self.gathered.on(h.device)[0]
         rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(index)
         g = h[rows, index]
         self.out[key] = g

@@ -13,7 +13,8 @@ from .architectures import ArchSpec, ModelShape, spec_for
 from .cache import ActivationCache
 from .config import ExtractionConfig
 from .errors import ConfigError
-from .extraction import Extractor, Gathered, check_config, example_sums, reduce_patterns, reduce_positions
+from .extraction import (Extractor, Gathered, check_config, example_sums, reduce_patterns, reduce_positions,
+                         to_host)
 from .intervention_spec import Intervention
 from .models import source_kwargs
 from .positions import resolve_positions, spec_key, validate_specs
@@ -31,12 +32,17 @@ class HookedModel:
     """
 
     def __init__(self, hf_model: torch.nn.Module, hf_tokenizer: Any = None, model_name: str | None = None) -> None:
-        self.spec: ArchSpec = spec_for(hf_model.config)
+        self.spec: ArchSpec = spec_for(hf_model.config, hf_model)  # registry, or inferred from the module tree
         self.hf_model = hf_model.eval()
         self.hf_tokenizer = hf_tokenizer
         self.model_name = model_name or getattr(hf_model.config, "_name_or_path", None) or hf_model.config.model_type
         self.model_config = ModelShape.from_config(hf_model.config)
         self._persistent: list[Intervention] = []
+        self._accepts_logits_to_keep: bool | None = None
+        if self.spec.inferred:  # accepted by proof only: the load-time oracles (infer_arch), else refused
+            from .infer_arch import prove
+
+            prove(self)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -66,7 +72,11 @@ class HookedModel:
             tokenizer.pad_token = tokenizer.eos_token
         gguf = hf_kwargs.get("gguf_file")
         name = str(gguf).rsplit(".gguf", 1)[0] if gguf else str(name_or_path)
-        return cls(model, tokenizer, model_name=name)
+        hooked = cls(model, tokenizer, model_name=name)
+        from .provenance import model_fingerprint
+
+        hooked.load_fingerprint = model_fingerprint(name_or_path, hf_kwargs, config)  # provenance: which files
+        return hooked
 
     # ------------------------------------------------------------------ easyroutine accessors
     def get_tokenizer(self) -> Any:
@@ -127,6 +137,34 @@ class HookedModel:
         mask = torch.as_tensor(mask).reshape(ids.shape).long()
         return ids, mask
 
+    def _module_device(self, path: str) -> torch.device:
+        """Where module ``path`` runs: its ``hf_device_map`` entry (CPU for offloaded ones), else its parameters'."""
+        device_map = getattr(self.hf_model, "hf_device_map", None)
+        if device_map:
+            best = max((p for p in device_map if p == "" or path == p or path.startswith(p + ".")), key=len,
+                       default=None)
+            if best is not None:
+                dev = device_map[best]
+                if dev in ("cpu", "disk"):
+                    return torch.device("cpu")
+                return torch.device(dev if isinstance(dev, str) else f"cuda:{dev}")
+        module = self.hf_model.get_submodule(path)
+        param = next(module.parameters(), None)
+        return param.device if param is not None and param.device.type != "meta" else self.device
+
+    def _logits_to_keep(self, gathered: Gathered, save_logits: bool) -> dict[str, Any]:
+        """``logits_to_keep`` for the HF forward: the target positions ``[batch, P]`` when logits are saved, else the
+        last position only, so no ``[batch, seq, vocab]`` tensor is ever made. Empty when the model lacks it."""
+        if self._accepts_logits_to_keep is None:
+            import inspect
+
+            self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(self.hf_model.forward).parameters
+        if not self._accepts_logits_to_keep:
+            return {}
+        if not save_logits:
+            return {"logits_to_keep": 1}
+        return {"logits_to_keep": gathered.on(self._module_device(self.spec.final_norm))[0]}
+
     @contextmanager
     def _attention(self, eager: bool) -> Iterator[None]:
         """Switch to eager attention (which returns weights) for one call only."""
@@ -176,7 +214,7 @@ class HookedModel:
         want_patterns = any(k.startswith("pattern_") for k in keys) or any(
             iv.activation.startswith("pattern_") for iv in all_interventions)
         extractor = Extractor(self.hf_model, self.spec, self.model_config, sites, gathered,
-                              detach=not cfg.keep_gradient, move_to_cpu=move_to_cpu)
+                              detach=not cfg.keep_gradient)
         grad = torch.enable_grad() if cfg.keep_gradient else torch.no_grad()
         with ExitStack() as stack, grad, self._attention(want_patterns):
             if all_interventions:
@@ -184,19 +222,26 @@ class HookedModel:
 
                 register_intervention_hooks(stack, self, all_interventions, mask, pivot_positions)
             extractor.register(stack)
-            output = self.hf_model(input_ids=ids, attention_mask=mask_d, position_ids=position_ids, use_cache=False)
+            keep = self._logits_to_keep(gathered, cfg.save_logits)
+            output = self.hf_model(input_ids=ids, attention_mask=mask_d, position_ids=position_ids, use_cache=False,
+                                   **keep)
         out: dict[str, Any] = extractor.out
         if "input_embeddings" in out and cfg.keep_gradient and out["input_embeddings"].requires_grad:
             out["input_embeddings"].retain_grad()
         if cfg.save_logits:
-            logits = gathered.take(output.logits)
+            if keep:  # the model computed only the target positions' logits: [batch, P, vocab]
+                logits = Gathered.zero_padding(output.logits, gathered.on(output.logits.device)[1], gathered.all_valid)
+            else:
+                logits = gathered.take(output.logits)
             if vocabulary_index is not None:
                 logits = logits[..., torch.as_tensor(vocabulary_index, device=logits.device)]
             out["logits"] = logits if cfg.keep_gradient else logits.detach()
-            if move_to_cpu:
-                out["logits"] = out["logits"].cpu()
         if cfg.save_input_ids:
-            out["input_ids"] = gathered.take(ids).to("cpu" if move_to_cpu else ids.device)
+            out["input_ids"] = gathered.take(ids)
+        if move_to_cpu and not cfg.keep_gradient:
+            out = to_host(out)
+        elif move_to_cpu:
+            out = {k: v.cpu() if isinstance(v, torch.Tensor) and not v.requires_grad else v for k, v in out.items()}
         layout, masks = self._layout(out, cfg, rows, resolved)
         # position of each pattern row within its unpadded prompt (for the "baseline_ratio" reduction)
         row_abs = rows.index - mask.argmax(-1)[:, None]
@@ -206,7 +251,7 @@ class HookedModel:
         for key in keys + [k for k in ("logits", "input_ids") if k in out]:
             cache[key] = out[key]
         for key, m in masks.items():
-            cache[key] = m.to("cpu") if move_to_cpu else m
+            cache[key] = m  # built on the host
         cache["mapping_index"] = mapping_of(layout.axes[POS])
         cache["token_dict"] = resolved.token_dict
         cache[LAYOUT_KEY] = layout.to_json()
@@ -239,13 +284,17 @@ class HookedModel:
                       extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
                       batch_saver: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda batch: None,
                       move_to_cpu_after_forward: bool = True, *, position_seed: int = 0, row_offset: int = 0,
-                      **forward_kwargs: Any) -> ActivationCache:
+                      self_check: str = "off", **forward_kwargs: Any) -> ActivationCache:
         """Forward every batch of ``dataloader`` (any iterable, generators included) and concatenate the caches
         along the batch axis in linear time, in one slot layout. Each batch may carry ``pivot_positions``;
         ``batch_saver(batch)`` returns extra per-batch fields to keep. ``row_offset`` is the dataset index of the
         first row (random position specs draw per dataset row, see ``positions``). With ``avg_over_example`` the
         result is ``[1, ...]``: the mean over every row of every batch that is real at each slot.
-        Adds ``cache["metadata"]``."""
+        Adds ``cache["metadata"]``, with ``provenance`` and, unless ``self_check="off"``, the self-check of the
+        first batch (``"error"`` raises SelfCheckError before that batch runs when it fails; docs/provenance.md)."""
+        from .selfcheck import watch
+
+        dataloader = watched = watch(self, dataloader, self_check, extraction_config)
         specs = validate_specs(list(target_token_positions))  # malformed specs fail before the first batch
         cfg = extraction_config
         per_batch_cfg = ExtractionConfig.from_dict({**cfg.to_dict(), "avg_over_example": False}) \
@@ -285,6 +334,7 @@ class HookedModel:
             "n_examples": n_rows,
             "n_batches": n_batches,
         }
+        watched.finish(out)  # provenance (with the dataset fingerprint) and self_check
         return out
 
     # ------------------------------------------------------------------ generation helpers
