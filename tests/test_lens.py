@@ -24,12 +24,12 @@ def _run(arch):
     return model, model.forward(BATCH, ["all"], extraction_config=CFG), LogitLens.from_model(model)
 
 
-def _hand_lens(model, act):
-    """final_norm(act) @ W_U (+ soft-cap) using the HF modules themselves."""
+def _hand_lens(model, act, norm=True):
+    """final_norm(act) @ W_U (+ soft-cap) using the HF modules themselves (without the norm if ``norm`` is False)."""
     hf = model.hf_model
-    norm = hf.get_submodule(model.spec.final_norm)
+    final = hf.get_submodule(model.spec.final_norm)
     with torch.no_grad():
-        logits = hf.get_output_embeddings()(norm(act))
+        logits = hf.get_output_embeddings()(final(act) if norm else act)
     cap = getattr(hf.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -62,8 +62,9 @@ def test_lens_matches_model_and_hand_computation(arch):
     assert not mid.requires_grad and mid.shape == (3, 7, VOCAB)
     probs = lens.compute(cache, "resid_out_{i}", apply_softmax=True)
     assert sorted(probs) == [f"logit_lens_resid_out_{i}" for i in range(L)]
-    for p in probs.values():
-        torch.testing.assert_close(p.sum(-1), torch.ones(3, 7))
+    for i in range(L):
+        torch.testing.assert_close(probs[f"logit_lens_resid_out_{i}"],
+                                   _hand_lens(model, cache[f"resid_out_{i}"]).softmax(-1), atol=1e-6, rtol=1e-5)
     # easyroutine-compatible option: the final layer's statistics for every layer
     compat = lens.compute(cache, "resid_out_0", norm_stats="last_layernorm")["logit_lens_resid_out_0"]
     torch.testing.assert_close(compat, _hand_final_stats(model, cache["resid_out_0"], cache["last_layernorm"]),
@@ -71,6 +72,9 @@ def test_lens_matches_model_and_hand_computation(arch):
     # heads: pattern with two placeholders
     heads = lens.compute(cache, "head_out_L{i}H{j}", apply_norm=False)
     assert list(heads) == ["logit_lens_head_out_L1H0", "logit_lens_head_out_L1H3"]
+    for h in (0, 3):  # no norm: the head's output through the unembedding (and soft-cap) alone
+        torch.testing.assert_close(heads[f"logit_lens_head_out_L1H{h}"],
+                                   _hand_lens(model, cache[f"head_out_L1H{h}"], norm=False), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2", "llama"])
@@ -111,6 +115,8 @@ def test_topk_and_chunking_match_full_softmax():
         torch.testing.assert_close(res[f"{name}_topk_ids"][VALID], ref.indices[VALID])
     one = small.topk(cache["resid_out_2"], "x", k=1)
     assert one["logit_lens_x_topk_ids"].shape == (3, 7, 1)
+    hand = _hand_lens(model, cache["resid_out_2"])
+    assert torch.equal(one["logit_lens_x_topk_ids"][..., 0][VALID], hand.argmax(-1)[VALID])
 
 
 def test_save_load_without_model(tmp_path):
@@ -175,8 +181,13 @@ class _Tok:
 def test_table_heatmap_and_example(tmp_path):
     model, cache, lens = _run("qwen2")
     rows = lens_table(lens, cache, "resid_out_{i}", k=3, example=1, tokenizer=_Tok())
-    assert len(rows) == 3 * 7 and rows[0]["layer"] == 0 and len(rows[0]["tokens"]) == 3
-    assert rows[0]["probs"] == sorted(rows[0]["probs"], reverse=True)
+    assert len(rows) == 3 * 7 and [r["layer"] for r in rows] == [i for i in range(3) for _ in range(7)]
+    for r in rows:  # each row: the top 3 of the hand-computed lens of example 1 at that slot, decoded
+        want = _hand_lens(model, cache[f"resid_out_{r['layer']}"][1, r["position"]]).softmax(-1).topk(3)
+        assert r["probs"] == pytest.approx(want.values.tolist(), rel=1e-5, abs=1e-7)
+        if VALID[1, r["position"]]:  # a padded slot is all zeros: its logits tie, so its ids are arbitrary
+            assert r["ids"] == want.indices.tolist()
+        assert r["tokens"] == [_Tok().decode([i]) for i in r["ids"]]
     assert lens_table(lens, cache, "resid_out_{i}", k=2, as_rich=True).row_count == 3 * 7
     png = plot_lens_heatmap(lens, cache, tmp_path / "h" / "lens.png", tokenizer=_Tok())
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -196,5 +207,14 @@ def test_table_heatmap_and_example(tmp_path):
     finally:
         model.hf_tokenizer = None
     assert set(report) >= {"table", "png", "first_layer_in_topk", "top_token", "model_top_token"}
+    ids = _Tok()("abcd")["input_ids"]
+    with torch.no_grad():
+        out = model.hf_model(input_ids=ids, output_hidden_states=True)
+    assert report["model_top_token"] == _Tok().decode([int(out.logits[0, -1].argmax())])  # HF's own top-1
     assert report["top_token"] == report["model_top_token"]
+    target = _Tok().encode(" x")[0]
+    L = model.model_config.num_hidden_layers
+    lens_at_last = [_hand_lens(model, out.hidden_states[i + 1][0, -1]) for i in range(L - 1)] + [out.logits[0, -1]]
+    first = next((i for i, lg in enumerate(lens_at_last) if target in lg.topk(5).indices.tolist()), None)
+    assert report["first_layer_in_topk"] == first
     assert open(report["png"], "rb").read(4) == b"\x89PNG"
