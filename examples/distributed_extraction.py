@@ -61,14 +61,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         return _run(args, model)
 
 
-def _storage_options(base_dir: str) -> Optional[dict[str, Any]]:
-    """S3 credentials from the driver's AWS_* variables, handed to the workers in memory (never written), so
-    workers on nodes without them can still write; the endpoint comes from AWS_ENDPOINT_URL in storage."""
-    if not base_dir.startswith("s3://") or "AWS_ACCESS_KEY_ID" not in os.environ:
-        return None
-    return {"key": os.environ["AWS_ACCESS_KEY_ID"], "secret": os.environ.get("AWS_SECRET_ACCESS_KEY")}
-
-
 def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
     from easyroutine_dist.config import ExtractionConfig
     from easyroutine_dist.distributed import DistributedExtractor
@@ -76,8 +68,9 @@ def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
     rng = random.Random(0)
     prompts = ["".join(rng.choice(CHARS[:27]) for _ in range(rng.randint(5, 30))) for _ in range(args.num_prompts)]
-    options = _storage_options(args.base_dir)
-    saver = ActivationSaver(args.base_dir, experiment_name="distributed-example", storage_options=options)
+    # no credentials in storage_options: the driver and every Ray node read theirs from their own environment
+    # (AWS_* variables, instance role, profile); the endpoint comes from AWS_ENDPOINT_URL
+    saver = ActivationSaver(args.base_dir, experiment_name="distributed-example")
     config = ExtractionConfig(extract_resid_out=True, save_logits=False)
     with DistributedExtractor(model, num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker,
                               ray_address=args.ray_address) as ex:
@@ -85,8 +78,7 @@ def _run(args: argparse.Namespace, model: str) -> dict[str, Any]:
                          partition_size=args.partition_size, tag="example",
                          logit_lens={"target_key": "resid_out_{i}", "top_k": 5})
         print(f"run {run.run_id}: {run.n_rows} rows in {run.n_partitions} partitions, {run.seconds:.1f}s -> {run.url}")
-        runs = ActivationLoader(args.base_dir, experiment_name="distributed-example",
-                                storage_options=options).query(tag="example")
+        runs = ActivationLoader(args.base_dir, experiment_name="distributed-example").query(tag="example")
         for i, part in enumerate(runs.iter_parts(run.run_id, keys=["logit_lens_resid_out_2_topk_ids"])):
             if i == 0:
                 print("part 0, last layer top-5 token ids of row 0:", part["logit_lens_resid_out_2_topk_ids"][0, -1].tolist())

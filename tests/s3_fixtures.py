@@ -10,6 +10,8 @@ import pytest
 
 _REGION = "us-east-1"
 _KEY, _SECRET = "testing-key", "testing-secret"
+#: the credentials the local endpoint's clients find in their environment (Ray nodes included)
+NODE_AWS_ENV = {"AWS_ACCESS_KEY_ID": _KEY, "AWS_SECRET_ACCESS_KEY": _SECRET, "AWS_DEFAULT_REGION": _REGION}
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +40,13 @@ def s3_endpoint() -> Iterator[str]:
 def s3_storage_options(s3_endpoint: str) -> dict[str, Any]:
     """s3fs options for the local endpoint."""
     return {"key": _KEY, "secret": _SECRET, "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": _REGION}}
+
+
+@pytest.fixture
+def s3_public_options(s3_endpoint: str) -> dict[str, Any]:
+    """s3fs options for the local endpoint without credentials (they come from the environment): what a
+    distributed run accepts."""
+    return {"client_kwargs": {"endpoint_url": s3_endpoint, "region_name": _REGION}}
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.query import normalise
 from ..storage.runs import RunHandle, RunWriter, read_marker, run_dir
 from . import index as _index
+from .credentials import check_model_kwargs, check_storage_options, public_options
 from .lensing import check_lens_config, lens_metadata
 from .models import ModelSource, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
@@ -93,12 +94,17 @@ class DistributedExtractor:
         num_cpus_per_worker: CPUs Ray reserves per worker.
         ray_address: a running cluster (``"auto"``, ``"ray://host:10001"``...); None starts a local one if Ray
             is not initialised yet.
+        ship_credentials: False (default): secrets in a saver's ``storage_options`` or a token in ``model_kwargs``
+            are refused, since workers and the index take credentials from their own environment (env vars,
+            instance role, mounted profile). True sends them through Ray: they then enter its object store (which
+            may spill to disk) and the workers' creation arguments (docs/cluster.md, "Credentials").
     """
 
     def __init__(self, model_name: Union[str, Callable[..., Any]], num_workers: int = 1,
                  num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1,
                  model_kwargs: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
-                 max_in_flight_per_worker: int = 2, max_worker_restarts: int = 3, max_part_attempts: int = 4) -> None:
+                 max_in_flight_per_worker: int = 2, max_worker_restarts: int = 3, max_part_attempts: int = 4,
+                 ship_credentials: bool = False) -> None:
         problems = []
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             problems.append(f"num_workers={num_workers!r} must be an int >= 1")
@@ -110,6 +116,8 @@ class DistributedExtractor:
             problems.append("max_in_flight_per_worker must be an int >= 1")
         if problems:
             raise ConfigError("DistributedExtractor: " + "; ".join(problems) + ".")
+        check_model_kwargs(model_kwargs, bool(ship_credentials))
+        self.ship_credentials = bool(ship_credentials)
         self.source: ModelSource = resolve_model_source(model_name, model_kwargs)  # no weights loaded
         self.num_workers = num_workers
         self.num_gpus_per_worker = float(num_gpus_per_worker)
@@ -305,6 +313,8 @@ class DistributedExtractor:
             raise ConfigError("resume=True needs the run_id of the interrupted run (run_id=...).")
         if not all(hasattr(saver, a) for a in ("store", "writer", "experiment_name")):
             raise ConfigError(f"saver must be an ActivationSaver, got {type(saver).__name__}.")
+        check_storage_options(saver.store.storage_options, f"the saver ({saver.store.url(saver.store.root)})",
+                              self.ship_credentials)
         plan = plan_dataset(dataset, partition_size, text_column)
         validate_specs(list(target_token_positions))
         cfg = extraction_config if isinstance(extraction_config, ExtractionConfig) else (
@@ -365,11 +375,12 @@ class DistributedExtractor:
         return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
                               recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed, busy, tc)
 
-    @staticmethod
-    def _storage(saver: Any) -> dict[str, Any]:
+    def _storage(self, saver: Any) -> dict[str, Any]:
+        """What workers need to open ``saver``'s storage: without secrets unless ``ship_credentials``."""
         store = saver.store
-        return {"base_dir": store.url(store.root), "storage_options": dict(store.storage_options),
-                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None)}
+        options = dict(store.storage_options) if self.ship_credentials else public_options(store.storage_options)
+        return {"base_dir": store.url(store.root), "storage_options": options,
+                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable)}
 
     def logit_lens(self, run: Any, saver: Any, logit_lens: dict[str, Any], tag: Optional[str] = None,
                    other_metadata: Optional[dict[str, Any]] = None, run_id: Optional[str] = None,
@@ -384,6 +395,10 @@ class DistributedExtractor:
         if lens is None:
             raise ConfigError("logit_lens must be given, e.g. {'target_key': 'resid_out_{i}', 'top_k': 5}.")
         src_store, entry = self._source_entry(run, saver)
+        check_storage_options(saver.store.storage_options, f"the saver ({saver.store.url(saver.store.root)})",
+                              self.ship_credentials)
+        check_storage_options(src_store.storage_options, f"the source run's storage ({src_store.url(src_store.root)})",
+                              self.ship_credentials)
         manifest = read_marker(src_store, run_dir(src_store, entry))
         records = manifest["records"]
         n_rows = sum(int(r["rows"]) for r in records)
@@ -407,8 +422,9 @@ class DistributedExtractor:
                                       ("logit_lens", "source_run", "distributed"))
         job = {"run": new_run.to_dict(), "storage": self._storage(saver),
                "logit_lens": {k: v for k, v in lens.items() if k != "token_directions"}}
-        source = {"storage": {"base_dir": src_store.url(src_store.root),
-                              "storage_options": dict(src_store.storage_options)},
+        src_options = dict(src_store.storage_options) if self.ship_credentials else public_options(
+            src_store.storage_options)
+        source = {"storage": {"base_dir": src_store.url(src_store.root), "storage_options": src_options},
                   "run_dir": run_dir(src_store, entry), "run_id": entry["run_id"]}
         job_ref, source_ref = ray.put(job), ray.put(source)
         offsets = [0]

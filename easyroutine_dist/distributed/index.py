@@ -9,6 +9,7 @@ than :data:`QUERY_TIMEOUT_S`, an in-memory store) the loader reads the catalog i
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Optional
@@ -16,9 +17,11 @@ from typing import Any, Optional
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from ..errors import ConfigError
 from ..storage.catalog import Catalog
 from ..storage.fs import Store, resolve
 from ..storage.providers import register_query_provider
+from .credentials import credential_fingerprint, public_options, secret_paths
 
 INDEX_NAME = "easyroutine_dist_index"
 INDEX_NAMESPACE = "easyroutine_dist"
@@ -27,20 +30,32 @@ QUERY_TIMEOUT_S = 20.0
 
 
 class MetadataIndex:
-    """Catalog entries of every storage root the cluster writes to, served from memory."""
+    """Catalog entries of every storage root the cluster writes to, served from memory.
+
+    It holds no credentials: callers send the non-secret storage options only (endpoint, region, anon...) and the
+    index reads storage with its own environment's credentials (env vars, instance role, mounted profile). A
+    catalog is rebuilt when those credentials change (rotation), keeping nothing older than the current ones.
+    """
 
     def __init__(self) -> None:
-        self._catalogs: dict[str, Catalog] = {}
+        self._catalogs: dict[str, tuple[str, Catalog]] = {}  # root key -> (credential digest, catalog)
         self.started_at = time.time()
         self.registered = 0
 
     def _catalog(self, base_url: str, storage_options: Optional[dict[str, Any]]) -> Catalog:
-        cat = self._catalogs.get(base_url)
-        if cat is None:  # first use since (re)start: state comes from storage
+        found = secret_paths(storage_options)
+        if found:  # the index must hold none; callers strip them (public_options)
+            raise ConfigError(f"the metadata index takes no credentials (got {', '.join(found)} for {base_url}); "
+                              "it reads storage with its own environment's credentials.")
+        key = root_key(base_url, storage_options)
+        creds = credential_fingerprint()
+        held = self._catalogs.get(key)
+        if held is None or held[0] != creds:  # first use since (re)start, or rotated credentials
             cat = Catalog(resolve(base_url, storage_options))
             cat.entries()
-            self._catalogs[base_url] = cat
-        return cat
+            self._catalogs[key] = (creds, cat)
+            return cat
+        return held[1]
 
     def entries(self, base_url: str, storage_options: Optional[dict[str, Any]],
                 experiment: Optional[str]) -> list[dict[str, Any]]:
@@ -57,8 +72,14 @@ class MetadataIndex:
         return self._catalog(base_url, storage_options).rebuild()
 
     def status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "started_at": self.started_at, "roots": sorted(self._catalogs),
+        roots = sorted({json.loads(k)[0] for k in self._catalogs})
+        return {"pid": os.getpid(), "started_at": self.started_at, "roots": roots,
                 "registered": self.registered}
+
+
+def root_key(base_url: str, storage_options: Optional[dict[str, Any]]) -> str:
+    """The index's key of a storage root: its URL and non-secret options (two endpoints, two roots)."""
+    return json.dumps([base_url, storage_options or {}], sort_keys=True, default=repr)
 
 
 def store_key(store: Store) -> Optional[str]:
@@ -89,7 +110,7 @@ def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_T
     if index is None:
         return False
     try:
-        ray.get(index.register.remote(key, store.storage_options, entry), timeout=timeout_s)
+        ray.get(index.register.remote(key, public_options(store.storage_options), entry), timeout=timeout_s)
         return True
     except Exception:  # noqa: BLE001 - the catalog in storage already has the run; the index is derived
         return False
@@ -97,15 +118,15 @@ def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_T
 
 def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[dict[str, Any]]]:
     key = store_key(store)
-    if key is None or not ray.is_initialized():
-        return None
+    if key is None or not ray.is_initialized() or secret_paths(store.storage_options):
+        return None  # a caller with its own secrets reads the catalog itself: they never reach the index
     deadline = time.monotonic() + QUERY_TIMEOUT_S
     while True:
         index = get_index(create=False)
         if index is None:
             return None
         try:
-            return ray.get(index.entries.remote(key, store.storage_options, experiment),
+            return ray.get(index.entries.remote(key, public_options(store.storage_options), experiment),
                            timeout=max(0.1, deadline - time.monotonic()))
         except (ActorUnavailableError, RayActorError):
             if time.monotonic() > deadline:

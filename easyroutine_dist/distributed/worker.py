@@ -18,6 +18,7 @@ from ..errors import ConfigError, StorageError
 from ..storage import layout
 from ..storage.fs import exists, read_bytes
 from ..storage.runs import RunHandle, RunWriter
+from .credentials import credential_fingerprint, public_options
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
 from .partitions import PartitionSpec, tokenize_batches
@@ -35,7 +36,7 @@ class ExtractionWorker:
         self.model = load_model(source, num_gpus)
         self.load_seconds = time.perf_counter() - t0
         self.num_gpus = num_gpus
-        self._writers: dict[str, RunWriter] = {}
+        self._writers: dict[str, tuple[str, RunWriter]] = {}  # root -> (credential digest, writer)
         self._lens: Any = None
         self.parts_done = 0
 
@@ -59,11 +60,20 @@ class ExtractionWorker:
 
     # ------------------------------------------------------------------ helpers
     def _writer(self, storage: dict[str, Any]) -> RunWriter:
-        key = json.dumps([storage["base_dir"], storage.get("max_shard_bytes")], sort_keys=True)
-        if key not in self._writers:  # credentials live in this process' memory only
+        """The writer of one storage root, rebuilt when the credentials it would use change (rotated keys in this
+        process' environment or its credential files, or other shipped secrets): nothing is cached past them."""
+        options = storage.get("storage_options") or {}
+        key = json.dumps([storage["base_dir"], public_options(options), storage.get("max_shard_bytes"),
+                          bool(storage.get("durable"))], sort_keys=True, default=repr)
+        creds = credential_fingerprint(options)
+        held = self._writers.get(key)
+        if held is None or held[0] != creds:  # credentials live in this process' memory only
             kw = {} if storage.get("max_shard_bytes") is None else {"max_shard_bytes": storage["max_shard_bytes"]}
-            self._writers[key] = RunWriter(storage["base_dir"], storage.get("storage_options"), **kw)
-        return self._writers[key]
+            writer = RunWriter(storage["base_dir"], options, **kw)
+            if storage.get("durable"):
+                writer.store.durable = True
+            self._writers[key] = held = (creds, writer)
+        return held[1]
 
     def _get_lens(self) -> Any:
         if self._lens is None:

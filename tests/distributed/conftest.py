@@ -12,6 +12,7 @@ from easyroutine_dist.config import ExtractionConfig  # noqa: E402
 from easyroutine_dist.distributed import tokenize_batches  # noqa: E402
 
 from .tiny import prompts, save_tiny_model  # noqa: E402
+from tests.s3_fixtures import NODE_AWS_ENV  # noqa: E402
 
 POSITIONS = ["last", -2]
 CONFIG = ExtractionConfig(extract_resid_out=True, save_logits=True)
@@ -22,9 +23,20 @@ def ray_cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": repo, "HF_HUB_OFFLINE": "1",
-                                           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}})
+        # the nodes' own S3 credentials (the local endpoint's test keys) come from the environment Ray's processes
+        # inherit, as on a real cluster; they are never in the runtime_env nor in any call's storage_options
+        saved = {k: os.environ.get(k) for k in NODE_AWS_ENV}
+        os.environ.update(NODE_AWS_ENV)
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": repo, "HF_HUB_OFFLINE": "1",
+                                               "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     yield ray
     ray.shutdown()
 

@@ -56,8 +56,9 @@ def test_hf_dataset_text_iterable_and_token_batches(extractor, hooked_ref, texts
 
 
 @pytest.mark.s3
-def test_run_on_s3(extractor, hooked_ref, texts, s3_bucket_url, s3_storage_options):
-    saver = ActivationSaver(f"{s3_bucket_url}/acts", experiment_name="s3run", storage_options=s3_storage_options)
+def test_run_on_s3(extractor, hooked_ref, texts, s3_bucket_url, s3_storage_options, s3_public_options):
+    # the workers take their credentials from their environment; the driver sends the endpoint only
+    saver = ActivationSaver(f"{s3_bucket_url}/acts", experiment_name="s3run", storage_options=s3_public_options)
     res = extractor.extract(texts[:11], POSITIONS, CONFIG, saver, batch_size=4, partition_size=4)
     assert res.url.startswith("s3://") and res.n_partitions == 3
     loader = ActivationLoader(f"{s3_bucket_url}/acts", experiment_name="s3run", storage_options=s3_storage_options)

@@ -131,7 +131,7 @@ def test_bad_input_fails_fast_before_any_model_load(ray_cluster, model_dir, text
     with pytest.raises(ConfigError, match="run_id"):
         ex.extract(texts, POSITIONS, CONFIG, saver, resume=True)
     bad_s3 = ActivationSaver("s3://no-such-bucket/x", experiment_name="bad", storage_options={
-        "key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
         "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}})
     with pytest.raises(StorageError):
         ex.extract(texts, POSITIONS, CONFIG, bad_s3)
