@@ -22,12 +22,13 @@ from ..errors import ConfigError, DistributedError, StorageError
 from ..storage.fs import exists, list_names, read_bytes
 from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.query import normalise
-from ..storage.runs import RunHandle, RunWriter, read_marker, run_dir
+from ..storage.runs import RunHandle, RunWriter, read_marker, read_record, run_dir
 from . import index as _index
 from .credentials import check_model_kwargs, check_storage_options, public_options
 from .lensing import check_lens_config, lens_metadata
-from .models import ModelSource, resolve_model_source
+from .models import ModelSource, describe_source, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
+from .resume import check_committed_parts, check_same_settings, read_fingerprints
 from .scheduler import ACTOR_ERRORS, schedule
 from .worker import ExtractionWorker, check_same_model
 
@@ -281,12 +282,7 @@ class DistributedExtractor:
                 out["distributed"] = {k: v for k, v in out["distributed"].items() if k != "num_workers"}
             return out
 
-        want = normalise(same_work(meta))
-        have = same_work(run.metadata)
-        diff = sorted(k for k in compare if want.get(k) != have.get(k))
-        if diff:
-            raise ConfigError(f"cannot resume run {run_id}: {diff} differ from the stored run; resume with the same "
-                              "dataset, partition_size, positions, config and lens, or start a new run.")
+        check_same_settings(str(run_id), normalise(same_work(meta)), same_work(run.metadata))
         return run, True
 
     # ------------------------------------------------------------------ public API
@@ -332,7 +328,9 @@ class DistributedExtractor:
             "other_metadata": normalise(dict(other_metadata or {}), "other_metadata"),
             "tag": check_tag(tag),
             "logit_lens": lens_metadata(lens) if lens else None,
-            "distributed": {"dataset": plan.describe(), "batch_size": batch_size, "num_workers": self.num_workers},
+            "distributed": {"dataset": plan.describe(), "batch_size": batch_size, "num_workers": self.num_workers,
+                            "model_loading": describe_source(self.source),
+                            "tokenizer_kwargs": normalise(dict(tokenizer_kwargs or {}), "tokenizer_kwargs")},
         }
         _probe_storage(saver)
         self._ensure_workers()  # first model load happens only after every check above passed
@@ -343,11 +341,16 @@ class DistributedExtractor:
                                    "distributed"))
         _LOG.info("run %s %s at %s (resume it with run_id=%r, resume=True if this driver dies)", run.run_id,
                      "resumed" if resumed else "started", run.url, run.run_id)
+        done = set(writer.committed_part_ids(run)) if resumed else set()
+        planned: Iterator[PartitionSpec] = plan.partitions(directions)
+        if done:  # same inputs as the committed parts? checked before anything is scheduled
+            rdir = writer.store.path(run.rel)
+            stored = read_fingerprints(done, lambda pid: read_record(writer.store, rdir, pid))
+            planned = check_committed_parts(run.run_id, planned, stored)
         if resumed and writer.is_committed(run):
             n = len(read_marker(writer.store, run_dir(writer.store, run.metadata))["records"])
             return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), run.url,
                                   int(plan.n_rows or 0), n, 0, n, 0, time.perf_counter() - t0, True)
-        done = set(writer.committed_part_ids(run)) if resumed else set()
         job = {"run": run.to_dict(), "storage": self._storage(saver), "batch_size": batch_size,
                "target_token_positions": list(target_token_positions),
                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
@@ -360,7 +363,7 @@ class DistributedExtractor:
 
         def parts() -> Iterator[PartitionSpec]:
             nonlocal n_parts, n_rows, pre_skipped
-            for p in plan.partitions(directions):
+            for p in planned:
                 n_parts, n_rows = n_parts + 1, n_rows + p.rows
                 if p.part_id in done:
                     pre_skipped += 1
@@ -416,7 +419,7 @@ class DistributedExtractor:
                     source_run={"run_id": entry["run_id"], "experiment_name": entry["experiment_name"],
                                 "url": src_store.url(run_dir(src_store, entry))},
                     distributed={"dataset": {"kind": "stored_run", "n_rows": n_rows, "parts": len(records)},
-                                 "num_workers": self.num_workers})
+                                 "num_workers": self.num_workers, "model_loading": describe_source(self.source)})
         writer: RunWriter = saver.writer
         new_run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                       ("logit_lens", "source_run", "distributed"))

@@ -80,6 +80,49 @@ def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]]
     return ModelSource("pretrained", name, kwargs)
 
 
+#: model kwargs that only say where or how weights are fetched and placed: they do not change the numbers, so a
+#: resume may change them (another cluster shape, cache folder...)
+_PLACEMENT_KWARGS = {"device_map", "max_memory", "offload_folder", "offload_state_dict", "offload_buffers",
+                     "low_cpu_mem_usage", "local_files_only", "cache_dir", "force_download", "proxies",
+                     "resume_download", "token", "use_auth_token", "hf_token"}
+
+
+def _describe_value(value: Any) -> Any:
+    """A stable JSON form of one kwarg: dtypes by name (``torch.bfloat16`` and ``"bfloat16"`` agree), configs by
+    their ``to_dict()``, other objects by type (never a repr with a memory address)."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, str) and value.startswith("torch."):
+        return value[len("torch."):]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if hasattr(value, "to_dict"):
+        try:
+            return _describe_value(value.to_dict())
+        except Exception:  # noqa: BLE001 - fall back to the type
+            pass
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def describe_source(source: ModelSource) -> dict[str, Any]:
+    """What the run metadata records about the workers' model loading, for resume to compare: the source kind,
+    the factory for factories, and every loading kwarg that can change the numbers (``dtype``, ``revision``,
+    ``gguf_file``, ``attn_implementation``...). Placement and secrets (``device_map``, ``token``...) are left out."""
+    kwargs = {k: _describe_value(v) for k, v in sorted(source.kwargs.items()) if k not in _PLACEMENT_KWARGS}
+    if "torch_dtype" in kwargs and "dtype" not in kwargs:  # the older name of the same setting
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    out: dict[str, Any] = {"kind": source.kind, "kwargs": kwargs}
+    if source.kind != "pretrained":  # a folder may move between attempts; the model name is checked separately
+        out["factory"] = source.name
+    return out
+
+
 def _gpu_kwargs(kwargs: dict[str, Any], num_gpus: float) -> dict[str, Any]:
     """Shard over exactly the GPUs Ray gave this actor (Ray sets CUDA_VISIBLE_DEVICES to them)."""
     if num_gpus <= 0 or "device_map" in kwargs:

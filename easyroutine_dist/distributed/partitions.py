@@ -10,6 +10,7 @@ No Ray here: this module is importable (and tested) without a cluster.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -21,6 +22,40 @@ from ..storage.layout import check_part_id
 
 #: the largest number of partitions one run may have (part ids are 5 digits in shard names)
 MAX_PARTITIONS = 100_000
+#: how part fingerprints are computed (stored in the run metadata; a change refuses resuming older runs)
+FINGERPRINT_VERSION = "sha256-v1"
+
+
+def fingerprint_texts(texts: Sequence[str]) -> str:
+    """``"sha256:<hex>"`` of a partition's prompts: each one's UTF-8 bytes, length-prefixed, in order.
+
+    sha256 (not the crc32c of shard checksums): a fingerprint *identifies* content, and a 32-bit CRC would call one
+    changed partition in four billion "the same"; hashlib also needs no extra package.
+    """
+    h = hashlib.sha256(b"texts\0")
+    for t in texts:
+        b = str(t).encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def fingerprint_batches(batches: Sequence[dict[str, Any]]) -> str:
+    """``"sha256:<hex>"`` of a partition's pre-tokenised batches: for each batch, each of ``input_ids``,
+    ``attention_mask`` (``[batch, seq]``) and ``pivot_positions``: name, shape and values (whole numbers as int64,
+    others as float64, so the same numbers in another dtype match), batch boundaries included."""
+    h = hashlib.sha256(b"token_batches\0")
+    for batch in batches:
+        h.update(b"\0batch")
+        for name in ("input_ids", "attention_mask", "pivot_positions"):
+            if batch.get(name) is None:
+                continue
+            t = torch.as_tensor(batch[name]).detach().cpu()
+            whole = not t.is_floating_point() or bool(torch.equal(t, t.round()))  # a 0./1. mask is a 0/1 mask
+            t = t.to(torch.int64) if whole else t.to(torch.float64)
+            h.update(f"\0{name}{list(t.shape)}".encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -28,6 +63,8 @@ class PartitionSpec:
     """One unit of work. Small and picklable: texts (or token-id batches ``[batch, seq]``), never activations.
 
     ``token_directions``: the logit-lens directions of these rows (one token id or ``(t1, t2)`` per row), if any.
+    ``fingerprint``: the driver's digest of the inputs (:func:`fingerprint_texts` / :func:`fingerprint_batches`); the
+    worker stores it in the part's record and a resume compares it before recomputing anything.
     """
 
     part_id: int
@@ -36,6 +73,7 @@ class PartitionSpec:
     texts: Optional[list[str]] = None
     batches: Optional[list[dict[str, Any]]] = None
     token_directions: Optional[list[Any]] = None
+    fingerprint: Optional[str] = None
 
     @property
     def rows(self) -> int:
@@ -61,7 +99,8 @@ class DatasetPlan:
     def describe(self) -> dict[str, Any]:
         """JSON description stored in the run metadata (used to refuse resuming with other data)."""
         return {"kind": self.kind, "n_rows": self.n_rows, "partition_size": self.partition_size,
-                "text_column": self.text_column if self.kind == "hf_dataset" else None}
+                "text_column": self.text_column if self.kind == "hf_dataset" else None,
+                "fingerprint": FINGERPRINT_VERSION}
 
     def partitions(self, token_directions: Optional[Sequence[Any]] = None) -> Iterator[PartitionSpec]:
         """Yield the partitions in order, lazily (only one partition's inputs are built at a time)."""
@@ -82,7 +121,8 @@ class DatasetPlan:
                     texts = [str(t) for t in self._source[start:stop]]
                 else:
                     texts = [str(t) for t in self._source[start:stop][self.text_column]]
-                yield PartitionSpec(pid, start, stop, texts=texts, token_directions=dirs(start, stop))
+                yield PartitionSpec(pid, start, stop, texts=texts, token_directions=dirs(start, stop),
+                                    fingerprint=fingerprint_texts(texts))
         elif self.kind == "text_iterable":
             it = iter(self._source)
             start = 0
@@ -92,7 +132,8 @@ class DatasetPlan:
                     return
                 check_part_id(pid)
                 yield PartitionSpec(pid, start, start + len(chunk), texts=chunk,
-                                    token_directions=dirs(start, start + len(chunk)))
+                                    token_directions=dirs(start, start + len(chunk)),
+                                    fingerprint=fingerprint_texts(chunk))
                 start += len(chunk)
         else:  # token_batches: whole batches, grouped until a partition holds >= partition_size rows
             start, pid, group, rows = 0, 0, [], 0
@@ -102,11 +143,12 @@ class DatasetPlan:
                 rows += int(b["input_ids"].shape[0])
                 if rows >= ps:
                     yield PartitionSpec(check_part_id(pid), start, start + rows, batches=group,
-                                        token_directions=dirs(start, start + rows))
+                                        token_directions=dirs(start, start + rows),
+                                        fingerprint=fingerprint_batches(group))
                     start, pid, group, rows = start + rows, pid + 1, [], 0
             if group:
                 yield PartitionSpec(check_part_id(pid), start, start + rows, batches=group,
-                                    token_directions=dirs(start, start + rows))
+                                    token_directions=dirs(start, start + rows), fingerprint=fingerprint_batches(group))
 
 
 def _check_batch(batch: Any, row: int) -> dict[str, Any]:

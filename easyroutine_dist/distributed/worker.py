@@ -104,8 +104,10 @@ class ExtractionWorker:
         os._exit(1)
 
     def _finish(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, part_id: int, data: Any,
-                t0: float, rows: int) -> dict[str, Any]:
+                t0: float, rows: int, fingerprint: Optional[str] = None) -> dict[str, Any]:
         record = writer.write_part(run, part_id, data)
+        if fingerprint is not None:  # the driver's digest of this part's inputs: resume compares it
+            record["fingerprint"] = fingerprint
         self._maybe_fail(job, part_id)  # after the shards, before the commit record: the worst moment to die
         created = writer.commit_part(run, record)
         self.parts_done += 1
@@ -144,7 +146,7 @@ class ExtractionWorker:
                     del cache[k]
             for k, v in lensed.items():
                 cache[k] = v
-        return self._finish(job, writer, run, part.part_id, cache, t0, part.rows)
+        return self._finish(job, writer, run, part.part_id, cache, t0, part.rows, part.fingerprint)
 
     def lens_part(self, job: dict[str, Any], source: dict[str, Any], record: dict[str, Any],
                   directions: Optional[list[Any]]) -> dict[str, Any]:
