@@ -8,8 +8,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..lens import LogitLens, final_norm, match_keys
+from ...errors import ConfigError
+from ...lens import LogitLens, final_norm, match_keys
 
 __all__ = ["LogitLens", "final_norm", "lens_table", "lens_topk_grid", "match_keys", "plot_lens_heatmap",
            "stored_topk_grid"]
