@@ -72,7 +72,7 @@ def _config():
 def test_local_extraction_example(local_example, arch, tmp_path, capsys):
     model = hooked(arch)
     out = local_example.main(model, tmp_path, tokenizer=char_tokenizer())
-    assert out["path"].startswith(str(tmp_path))
+    assert str(out["path"]).startswith(str(tmp_path))  # a Path on local disk
     _check_local(local_example, model, out, capsys.readouterr().out, tmp_path)
 
 
@@ -81,7 +81,7 @@ def test_local_extraction_example_on_s3(local_example, s3_bucket_url, s3_storage
     model = hooked("llama")
     base = f"{s3_bucket_url}/acts"
     out = local_example.main(model, base, s3_storage_options, tokenizer=char_tokenizer())
-    assert out["path"].startswith(f"{base}/{local_example.EXPERIMENT}/")
+    assert str(out["path"]).startswith(f"{base}/{local_example.EXPERIMENT}/")
     _check_local(local_example, model, out, capsys.readouterr().out, base, s3_storage_options)
 
 

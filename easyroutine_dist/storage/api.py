@@ -8,9 +8,9 @@ from typing import Any, Iterator, Optional, Union
 
 from ..cache import ActivationCache
 from ..errors import MetadataError, StorageError
-from . import layout
+from . import compat, layout
 from .catalog import Catalog
-from .fs import Store, resolve, resolve_from_env
+from .fs import Store, resolve
 from .providers import provided_entries
 from .query import build_criteria, compile_criteria, jsonable, normalise
 from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
@@ -44,6 +44,8 @@ def _model_config_summary(cfg: Any) -> Any:
 class ActivationSaver:
     """Saves activations with metadata under ``base_dir/<experiment>`` (local path or fsspec URL)."""
 
+    exp_name = compat.exp_name_alias
+
     def __init__(self, base_dir: Union[Path, str], experiment_name: str = "default",
                  storage_options: Optional[dict] = None, max_shard_bytes: Optional[int] = None) -> None:
         store = resolve(base_dir, storage_options)
@@ -54,26 +56,29 @@ class ActivationSaver:
         self.store = store
         kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         self.writer = RunWriter(store, **kw)
-        self.base_dir = store.url(store.root)
+        self.base_dir = compat.location(store, store.url(store.root))  # a Path on local disk
 
     @classmethod
     def from_env(cls, experiment_name: str = "default", storage_options: Optional[dict] = None) -> "ActivationSaver":
-        """A saver on ``$ACTIVATION_BASE_DIR`` (S3 endpoint/credentials from options or AWS env vars)."""
+        """A saver on ``$ACTIVATION_BASE_DIR`` (S3 endpoint/credentials from options or AWS env vars); ValueError
+        (ConfigError) when the variable is unset."""
         self = cls.__new__(cls)
-        self._init(resolve_from_env(storage_options), experiment_name, None)
+        self._init(compat.env_store(storage_options), experiment_name, None)
         return self
 
     def save(self, activations: Any, model: Any, target_token_positions: Any, interventions: Any,
              extraction_config: Any, other_metadata: Optional[dict] = None, tag: Optional[str] = None,
-             pivot_positions: Any = None) -> str:
-        """Save one run; return its location. Metadata is checked before anything is written."""
-        model_name = model if isinstance(model, str) or model is None else getattr(model, "model_name", None)
+             pivot_positions: Any = None) -> Union[Path, str]:
+        """Save one run; return its location (a Path on local disk). Metadata is checked before anything is
+        written. ``other_metadata`` keys are also readable at the top level of the run's metadata (as in
+        easyroutine) unless they are library keys; loading returns the kind of object saved (tensor, dict, cache)."""
+        model_name = compat.model_name_of(model)
         model_config = None if isinstance(model, str) or model is None else getattr(model, "model_config", None)
         meta = {
             "model_name": model_name,
             "target_token_positions": normalise(target_token_positions, "target_token_positions"),
             "pivot_positions": normalise(pivot_positions, "pivot_positions"),
-            "interventions": normalise(list(interventions or []), "interventions"),
+            "interventions": None if interventions is None else normalise(list(interventions), "interventions"),
             "extraction_config": normalise(extraction_config, "extraction_config"),
             "other_metadata": normalise(dict(other_metadata or {}), "other_metadata"),
             "tag": layout.check_tag(tag),
@@ -82,7 +87,7 @@ class ActivationSaver:
         return self._save_one(activations, model_name, meta)
 
     def save_cache(self, cache: ActivationCache, other_metadata: Optional[dict] = None,
-                   tag: Optional[str] = None) -> str:
+                   tag: Optional[str] = None) -> Union[Path, str]:
         """Save a cache whose ``cache["metadata"]`` holds model name, positions, config and interventions."""
         info = cache.get("metadata") if isinstance(cache, ActivationCache) else None
         if not isinstance(info, dict) or not info.get("model_name"):
@@ -94,7 +99,8 @@ class ActivationSaver:
             "model_name": info.get("model_name"),
             "target_token_positions": normalise(info.get("target_token_positions"), "target_token_positions"),
             "pivot_positions": normalise(info.get("pivot_positions"), "pivot_positions"),
-            "interventions": normalise(list(info.get("interventions") or []), "interventions"),
+            "interventions": (None if info.get("interventions") is None
+                              else normalise(list(info["interventions"]), "interventions")),
             "extraction_config": normalise(info.get("extraction_config"), "extraction_config"),
             "other_metadata": normalise(dict(other_metadata or {}), "other_metadata"),
             "tag": layout.check_tag(tag),
@@ -102,20 +108,30 @@ class ActivationSaver:
         }
         return self._save_one(cache, info.get("model_name"), meta)
 
-    def _save_one(self, activations: Any, model_name: Any, meta: dict[str, Any]) -> str:
+    def _save_one(self, activations: Any, model_name: Any, meta: dict[str, Any]) -> Union[Path, str]:
         layout.model_slug(model_name)
         flat = as_flat(activations)  # refuses non-JSON info before any write
+        meta = compat.with_top_level_custom_keys({**meta, compat.SAVED_AS: compat.saved_as(activations)})
         run = self.writer.begin_run(self.experiment_name, model_name, meta)
         record = self.writer.write_part(run, 0, flat, check_committed=False)  # a run id nobody else has
         self.writer.commit_part(run, record)
-        return self.writer.commit_run(run, [record], verify=False)
+        return compat.location(self.store, self.writer.commit_run(run, [record], verify=False))
+
+    def save_object_to_path(self, obj: Any, metadata: dict, activation_dir: Any) -> None:
+        """easyroutine's raw ``torch.save`` writer; refused here (no pickle is ever written, docs/compat.md)."""
+        raise MetadataError("save_object_to_path writes a pickle (tensor.pt), which easyroutine_dist never does; "
+                            "use save(...) or save_cache(...), which write safetensors shards and JSON metadata.")
 
     def rename_experiment(self, new_experiment_name: str) -> None:
-        """Move every committed run of this experiment to ``new_experiment_name`` and switch to it."""
+        """Move every committed run of this experiment to ``new_experiment_name`` and switch to it; the old
+        experiment's folders are removed once empty (an uncommitted run keeps its folder)."""
         layout.check_experiment(new_experiment_name)
-        for entry in self.writer.catalog.entries(self.experiment_name):
+        old = self.experiment_name
+        for entry in self.writer.catalog.entries(old):
             move_run(self.store, self.writer.catalog, entry, new_experiment_name)
         self.experiment_name = new_experiment_name
+        if old != new_experiment_name:
+            compat.prune_empty_experiment(self.store, old)
 
 
 def _cell(value: Any) -> str:
@@ -125,10 +141,11 @@ def _cell(value: Any) -> str:
 class QueryResult:
     """Runs matching a query, oldest first (index -1 is the most recent)."""
 
-    def __init__(self, store: Store, catalog: Catalog, results: list[dict[str, Any]]) -> None:
+    def __init__(self, store: Optional[Store] = None, catalog: Optional[Catalog] = None,
+                 results: Optional[list[dict[str, Any]]] = None) -> None:
         self.store = store
         self.catalog = catalog
-        self.results = results
+        self.results = [] if results is None else results
 
     def __len__(self) -> int:
         return len(self.results)
@@ -143,7 +160,7 @@ class QueryResult:
 
     def __repr__(self) -> str:
         if not self.results:
-            return "QueryResult(0 runs)"
+            return ""  # as easyroutine prints an empty result
         cols = ("#", "save_time", "run_id", "experiment", "model", "tag", "parts", "keys")
         rows = [(str(i), e.get("save_time", ""), e["run_id"], e["experiment_name"], str(e.get("model_name")),
                  str(e.get("tag")), _cell(e.get("n_parts")), _cell(e.get("n_keys")))
@@ -171,9 +188,14 @@ class QueryResult:
             raise StorageError(f"no run with id or save time {which!r} in this result.")
         raise StorageError(f"{which!r} matches {len(found)} runs {[e['run_id'] for e in found]}; pass a run id.")
 
-    def load(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> tuple[ActivationCache, dict]:
-        """Load a run (by index, save time or run id) as ``(ActivationCache, metadata)``; ``keys`` limits tensors."""
-        return load_run(self.store, self._entry(which), keys)
+    def load(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> tuple[Any, Optional[dict]]:
+        """Load a run (by index, save time or run id) as ``(activations, metadata)``: the tensor or dict it was
+        saved from, else an ActivationCache (always a cache when ``keys`` limits the tensors). An empty result
+        gives ``(None, None)``."""
+        if not self.results:
+            return None, None
+        cache, meta = load_run(self.store, self._entry(which), keys)
+        return (compat.as_saved(cache, meta) if keys is None else cache), meta
 
     def iter_parts(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> Iterator[ActivationCache]:
         """Yield the run's parts one ActivationCache at a time, in order."""
@@ -195,6 +217,8 @@ class QueryResult:
 class ActivationLoader:
     """Queries runs saved by :class:`ActivationSaver` through the catalog."""
 
+    exp_name = compat.exp_name_alias
+
     def __init__(self, base_dir: Union[Path, str], experiment_name: str = "default",
                  storage_options: Optional[dict] = None) -> None:
         self._init(resolve(base_dir, storage_options), experiment_name)
@@ -203,12 +227,12 @@ class ActivationLoader:
         self.experiment_name = layout.check_experiment(experiment_name)
         self.store = store
         self.catalog = Catalog(store)
-        self.base_dir = store.url(store.root)
+        self.base_dir = compat.location(store, store.url(store.root))  # a Path on local disk
 
     @classmethod
     def from_env(cls, experiment_name: str = "default", storage_options: Optional[dict] = None) -> "ActivationLoader":
         self = cls.__new__(cls)
-        self._init(resolve_from_env(storage_options), experiment_name)
+        self._init(compat.env_store(storage_options), experiment_name)
         return self
 
     @classmethod
@@ -220,8 +244,9 @@ class ActivationLoader:
     def query(self, experiment_name: Optional[str] = None, model_name: Optional[str] = None,
               target_token_positions: Any = None, pivot_positions: Any = None, save_time: Optional[str] = None,
               custom_keys: Optional[dict] = None, extraction_config: Any = None, interventions: Any = None,
-              tag: Optional[str] = None) -> QueryResult:
-        """Runs matching every given criterion (``None`` = any). ``experiment_name="*"`` searches all experiments."""
+              tag: Optional[str] = None, verbose: bool = False) -> QueryResult:
+        """Runs matching every given criterion (``None`` = any). ``experiment_name="*"`` searches all experiments.
+        ``verbose`` is accepted for easyroutine scripts and has no effect."""
         crit = build_criteria(model_name=model_name, target_token_positions=target_token_positions,
                               pivot_positions=pivot_positions, save_time=save_time, custom_keys=custom_keys,
                               extraction_config=extraction_config, interventions=interventions, tag=tag)

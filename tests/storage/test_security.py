@@ -33,7 +33,7 @@ def test_tag_cannot_escape(local_backend, tmp_path):
     inside = {p.resolve() for p in pathlib.Path(local_backend.url).rglob("*")}
     everything = {p.resolve() for p in tmp_path.rglob("*")}
     assert everything - inside == {pathlib.Path(local_backend.url).resolve()}
-    assert local_backend.loader().query(tag="../../../escaped").load(-1)[0]["activations"].tolist() == [1.0]
+    assert local_backend.loader().query(tag="../../../escaped").load(-1)[0].tolist() == [1.0]
     with pytest.raises(MetadataError):
         saver.save(torch.ones(1), "m", ["last"], None, ExtractionConfig(), tag="bad\nnewline")
 
