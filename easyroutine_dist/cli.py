@@ -269,6 +269,31 @@ def index(
     console.print(table)
 
 
+@app.command("import-easyroutine")
+def import_easyroutine_cmd(
+    directory: Path = typer.Argument(..., help="The folder easyroutine's ActivationSaver wrote to."),
+    base_dir: Optional[str] = typer.Option(None, help="Where to write the runs (default: DIRECTORY itself)."),
+) -> None:
+    """Convert runs saved by easyroutine 1.1.5 (tensor.pt + metadata.json per run) into easyroutine_dist runs.
+    Pickles are read with torch's weights-only loader and easyroutine's classes only; others are refused."""
+    from .errors import EasyRoutineError
+    from .storage.import_easyroutine import import_easyroutine
+
+    try:
+        report = import_easyroutine(directory, base_dir)
+    except EasyRoutineError as exc:
+        Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{len(report.imported)} run(s) imported, {len(report.skipped)} skipped")
+    table.add_column("easyroutine run", no_wrap=True)
+    table.add_column("result", overflow="fold")
+    for rel, where in report.imported:
+        table.add_row(rel, str(where))
+    for rel, why in report.skipped:
+        table.add_row(rel, f"skipped: {why}")
+    console.print(table)
+
+
 @app.command()
 def demo(
     base_dir: str = typer.Option("./runs"), num_workers: int = typer.Option(2),

@@ -31,3 +31,7 @@ class MetadataError(EasyRoutineError, ValueError):
 
 class DistributedError(EasyRoutineError):
     """A distributed run cannot start or cannot complete."""
+
+
+class UnsafeArchiveError(StorageError):
+    """A file to import needs more than the allowlisted classes to unpickle (or is malformed); it was not loaded."""
