@@ -56,6 +56,15 @@ def test_example_reports_first_layer(smollm, tmp_path):
     spec.loader.exec_module(example)
     report = example.logit_lens_report(smollm, PROMPT, " Paris", str(tmp_path / "lens.png"), k=5)
     assert report["top_token"] == report["model_top_token"] == " Paris"
-    L = smollm.model_config.num_hidden_layers
-    assert report["first_layer_in_topk"] is not None and 0 <= report["first_layer_in_topk"] < L
+    # the first layer whose lens has " Paris" in its top 5 at the last token, by hand from HF's own modules
+    tok, hf = smollm.hf_tokenizer, smollm.hf_model
+    paris = tok.encode(" Paris", add_special_tokens=False)[0]
+    with torch.no_grad():
+        out = hf(**tok(PROMPT, return_tensors="pt"), output_hidden_states=True)
+        L = smollm.model_config.num_hidden_layers
+        norm = hf.get_submodule(smollm.spec.final_norm)
+        lens = [hf.get_output_embeddings()(norm(out.hidden_states[i + 1][0, -1])) for i in range(L - 1)]
+    lens.append(out.logits[0, -1])  # the last layer's lens is the model's own logits
+    first = next((i for i, lg in enumerate(lens) if paris in lg.topk(5).indices.tolist()), None)
+    assert first is not None and report["first_layer_in_topk"] == first
     assert open(report["png"], "rb").read(4) == b"\x89PNG"
