@@ -6,6 +6,7 @@ batch script is syntax-checked and dry-run against stub ``srun``/``scontrol``/``
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -43,7 +44,7 @@ REQUIRED_JOB_KEYS = {
 OPTIONAL_JOB_KEYS = {"model_kwargs", "cpus_per_worker", "logit_lens", "tag", "ray_address"}
 DATASET_KEYS = {"path", "name", "split", "text_column"}
 LOGIT_LENS_KEYS = {"target_key", "top_k"}
-SECRET_ENV_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"}
+SECRET_ENV_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN", "RAY_AUTH_TOKEN"}
 MISTRAL_BF16_GB = 7.24e9 * 2 / 1e9  # 7.24 B parameters x 2 bytes
 
 
@@ -68,6 +69,13 @@ def pod_specs(cluster_spec: dict) -> list[dict]:
     out = [cluster_spec["headGroupSpec"]["template"]["spec"]]
     out += [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
     return out
+
+
+def without_dashboard_host(cluster_spec: dict) -> dict:
+    """The spec less the head's dashboard bind (the RayJob widens it for the operator; test_cluster_security)."""
+    spec = copy.deepcopy(cluster_spec)
+    spec["headGroupSpec"].get("rayStartParams", {}).pop("dashboard-host", None)
+    return spec
 
 
 def gpu_limit(container: dict) -> int:
@@ -199,7 +207,7 @@ def test_rayjob():
     assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), "exactly one of rayClusterSpec/clusterSelector"
     if "rayClusterSpec" in spec:
         check_cluster_spec(spec["rayClusterSpec"], "RayJob.rayClusterSpec")
-        assert spec["rayClusterSpec"] == load_one(RAYCLUSTER)["spec"], \
+        assert without_dashboard_host(spec["rayClusterSpec"]) == without_dashboard_host(load_one(RAYCLUSTER)["spec"]), \
             "RayJob.rayClusterSpec drifted from kuberay-raycluster.yaml's spec"
     else:
         assert spec["clusterSelector"]["ray.io/cluster"] == load_one(RAYCLUSTER)["metadata"]["name"]
@@ -328,6 +336,13 @@ def test_sbatch_syntax_and_directives():
     assert "easyroutine-dist extract" in text
 
 
+def wait_for_starts(log: Path, n: int = 2) -> str:
+    """Body of a stub ``python`` for the script's wait-for-GPUs step: it returns once ``n`` ``ray start`` calls
+    are logged (the script starts them in the background, so their log lines may otherwise come late)."""
+    return (f'cat > /dev/null; for _ in $(seq 200); do [ "$(grep -c "ray start" {log} 2>/dev/null)" -ge {n} ] '
+            f'&& exit 0; /bin/sleep 0.05; done; exit 1')
+
+
 def _stub(bin_dir: Path, name: str, body: str) -> None:
     p = bin_dir / name
     p.write_text("#!/bin/bash\n" + body + "\n")
@@ -344,7 +359,7 @@ def test_sbatch_dry_run(tmp_path, gpus_per_worker, run_id, expected_workers):
     _stub(bin_dir, "scontrol", 'printf "gpu-node-1\\ngpu-node-2\\n"')
     _stub(bin_dir, "srun", f'echo "srun $*" >> {log}; if [[ "$*" == *hostname* ]]; then echo 10.0.0.1; fi')
     _stub(bin_dir, "sleep", "exit 0")
-    _stub(bin_dir, "python", "cat > /dev/null")
+    _stub(bin_dir, "python", wait_for_starts(log))
     _stub(bin_dir, "easyroutine-dist", f'echo "easyroutine-dist $*" >> {log}')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv),
            "SLURM_JOB_NODELIST": "gpu-node-[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4",
