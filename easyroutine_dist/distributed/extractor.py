@@ -148,12 +148,12 @@ class DistributedExtractor:
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             if self._auth_refused(exc):
                 where = "the local Ray cluster" if address is None else f"the Ray cluster at {address!r}"
-                mode = repr(os.environ["RAY_AUTH_MODE"]) if os.environ.get("RAY_AUTH_MODE") else "unset"
+                mode = os.environ.get("RAY_AUTH_MODE")
                 raise DistributedError(
-                    f"{where} refused this process' authentication token (missing or wrong; RAY_AUTH_MODE is {mode} "
-                    "here): set RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN, in a file named by "
-                    "RAY_AUTH_TOKEN_PATH, or in Ray's default file ~/.ray/auth_token (docs/cluster.md, Security)."
-                ) from None
+                    f"{where} refused this process' authentication token (missing or wrong; RAY_AUTH_MODE is "
+                    f"{repr(mode) if mode else 'unset'} here): set RAY_AUTH_MODE=token and give the cluster's token "
+                    "in RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in Ray's default file "
+                    "~/.ray/auth_token (docs/cluster.md, Security).") from None
             if not isinstance(exc, (ConnectionError, RuntimeError, ValueError)):
                 raise
             raise DistributedError(f"cannot connect to the Ray cluster at {address!r}: {exc}. Start it (ray start "
@@ -162,12 +162,13 @@ class DistributedExtractor:
     @staticmethod
     def _auth_refused(exc: BaseException) -> bool:
         """Whether Ray refused the connection for its token (an AuthenticationError, raised directly or as the
-        cause of the GCS connection failure that ``ray.init`` reports)."""
+        cause of the GCS connection failure that ``ray.init`` reports; Ray < 2.52 has no token auth)."""
+        auth_error = getattr(ray.exceptions, "AuthenticationError", ())
         seen: set[int] = set()
         cur: Optional[BaseException] = exc
         while cur is not None and id(cur) not in seen:
             seen.add(id(cur))
-            if isinstance(cur, ray.exceptions.AuthenticationError) or any(
+            if isinstance(cur, auth_error) or any(
                     marker in str(cur) for marker in ("InvalidAuthToken", "AuthenticationError", "Unauthenticated")):
                 return True
             cur = cur.__cause__ or cur.__context__

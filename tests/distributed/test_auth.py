@@ -35,19 +35,51 @@ N_PROMPTS = 6
 
 def test_no_library_code_disables_ray_auth():
     """No module of the package (CLI included) sets RAY_AUTH_MODE, let alone to 'disabled'."""
-    offenders = []
-    for path in (REPO / "easyroutine_dist").rglob("*.py"):
-        text = path.read_text()
-        if re.search(r"""RAY_AUTH_MODE["']?\s*[\],:=]\s*["']?disabled""", text) or re.search(
-                r"""environ(\.setdefault\(|\[)\s*["']RAY_AUTH_MODE""", text):
-            offenders.append(str(path.relative_to(REPO)))
+    sets = re.compile(r"""RAY_AUTH_MODE["']?\s*[\],:]?\s*=?\s*["']?disabled"""
+                      r"""|environ\.setdefault\(\s*["']RAY_AUTH_MODE|environ\[\s*["']RAY_AUTH_MODE["']\s*\]\s*=(?!=)"""
+                      r"""|putenv\(\s*["']RAY_AUTH_MODE""")
+    assert sets.search('os.environ.setdefault("RAY_AUTH_MODE", "disabled")')  # what the library used to do
+    assert sets.search("RAY_AUTH_MODE=disabled") and sets.search('{"RAY_AUTH_MODE": "disabled"}')
+    assert sets.search("os.environ['RAY_AUTH_MODE'] = 'token'") and not sets.search('os.environ.get("RAY_AUTH_MODE")')
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "easyroutine_dist").rglob("*.py")
+                 if sets.search(p.read_text())]
     assert offenders == []
+
+
+def test_auth_refusals_are_recognised():
+    """The shapes of Ray's refusals (seen with Ray 2.60): AuthenticationError from ray.init when no token is found,
+    and the ConnectionError ray.init raises once the GCS has answered InvalidAuthToken; other failures are not."""
+    from ray.exceptions import AuthenticationError
+
+    from easyroutine_dist.distributed.extractor import DistributedExtractor
+
+    refused = DistributedExtractor._auth_refused
+    gcs = RuntimeError("Failed to connect to GCS. Last connection error: ... ray.exceptions.AuthenticationError: "
+                       "RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+    try:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from gcs
+    except ConnectionError as exc:
+        assert refused(exc)
+    assert refused(AuthenticationError("Token authentication is enabled but no authentication token was found"))
+    down = RuntimeError("Failed to connect to GCS. Last connection error: Timed out while waiting for GCS")
+    try:
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379") from down
+    except ConnectionError as exc:
+        assert not refused(exc)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _non_loopback_ip() -> str | None:
+    """This machine's address on its network (as Ray finds it), if it has one besides loopback."""
+    from ray.util import get_node_ip_address
+
+    ip = get_node_ip_address()
+    return None if ip.startswith("127.") else ip
 
 
 def _private_file(path: Path, text: str) -> Path:
@@ -143,10 +175,18 @@ def test_token_cluster_runs_cli_extraction_only_with_its_token(token_cluster, mo
                                                                  texts, tmp_path):
     address, dashboard, token, token_file, home = token_cluster
 
-    # the job API refuses a request without the token and answers one with it
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=30)
-    assert refused.value.code in (401, 403)
+    # the job API listens on 127.0.0.1 only, refuses a request without the token (401) or with a wrong one (403)
+    # and answers one with it
+    port = int(dashboard.rsplit(":", 1)[1])
+    other_ip = _non_loopback_ip()
+    if other_ip:
+        with pytest.raises(OSError):
+            socket.create_connection((other_ip, port), timeout=5).close()
+    for header, code in ((None, 401), (f"Bearer {secrets.token_hex(32)}", 403)):
+        request = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": header} if header else {})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == code
     request = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
     assert urllib.request.urlopen(request, timeout=30).status == 200
 
