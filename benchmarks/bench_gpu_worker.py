@@ -85,7 +85,6 @@ def main(argv=None) -> dict:
     torch.cuda.empty_cache()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     from easyroutine_dist.config import ExtractionConfig

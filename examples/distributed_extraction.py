@@ -54,7 +54,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     with tempfile.TemporaryDirectory(prefix="tiny-llama-") as scratch:
         model = save_tiny_model(scratch) if args.model == "tiny" else args.model
