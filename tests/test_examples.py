@@ -39,18 +39,25 @@ def _check_local(mod, model, out, printed, base_dir, storage_options=None):
     layers = model.model_config.num_hidden_layers
     d = model.model_config.hidden_size
     expected = {**{f"resid_out_{i}": (n, 2, d) for i in range(layers)},
-                **{f"mlp_out_{i}": (n, 2, d) for i in range(layers)}, "logits": (n, 2, 96)}
+                **{f"mlp_out_{i}": (n, 2, d) for i in range(layers)}, "logits": (n, 2, 96), "valid_mask": (n, 2)}
     assert out["shapes"] == expected
+    assert bool(out["cache"]["valid_mask"].all())  # "first" and "last" name a real token in every row
     for key, shape in expected.items():  # every shape is printed
         assert f"{key:<14} {shape}" in printed
     assert f"saved run {out['run_id']} at {out['path']}" in printed
-    # padded batches give what each prompt gives alone (first and last real token)
+    # padded batches give what each prompt gives alone through plain HF (first and last real token)
     tok = char_tokenizer()
-    for row in (0, n - 1):
-        alone = model.forward(tok([mod.PROMPTS[row]], return_tensors="pt"), ["first", "last"],
-                              extraction_config=_config())
-        for k in ("resid_out_2", "logits"):
-            assert torch.allclose(out["cache"][k][row], alone[k][0], atol=1e-5), (k, row)
+    for row in range(n):
+        ids = tok([mod.PROMPTS[row]], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hf = model.hf_model(input_ids=ids, output_hidden_states=True)
+            normed = model.get_last_layernorm()(out["cache"][f"resid_out_{layers - 1}"][row])
+        at = [0, ids.shape[1] - 1]
+        for i in range(layers - 1):
+            torch.testing.assert_close(out["cache"][f"resid_out_{i}"][row], hf.hidden_states[i + 1][0, at],
+                                       atol=1e-5, rtol=1e-4, msg=f"resid_out_{i} row {row}")
+        torch.testing.assert_close(normed, hf.hidden_states[layers][0, at], atol=1e-5, rtol=1e-4)  # v5: final-normed
+        torch.testing.assert_close(out["cache"]["logits"][row], hf.logits[0, at], atol=1e-5, rtol=1e-4)
     # the saved run loads back equal, found by its tag and custom keys
     q = ActivationLoader(base_dir, mod.EXPERIMENT, storage_options=storage_options).query(
         tag="local", custom_keys={"example": "local_extraction", "n_prompts": n})
@@ -90,10 +97,11 @@ def _check_query(mod, out, printed):
     assert [e["run_id"] for e in out["by_tag"]] == [second["run_id"]]
     assert [e["run_id"] for e in out["by_custom"]] == [first["run_id"]]
     assert out["metadata"]["run_id"] == first["run_id"] and out["metadata"]["other_metadata"]["batch"] == 0
-    # only the requested tensors were loaded, and they equal what was extracted
+    # only the requested tensors (and the slot validity mask that goes with them) were loaded, and they equal what
+    # was extracted
     tensors = sorted(k for k in out["loaded"].keys() if isinstance(out["loaded"][k], torch.Tensor))
-    assert tensors == sorted(mod.KEYS)
-    for k in mod.KEYS:
+    assert tensors == sorted([*mod.KEYS, "valid_mask"])
+    for k in [*mod.KEYS, "valid_mask"]:
         assert torch.equal(out["loaded"][k], first["cache"][k]), k
     # parts of the tag query's run concatenate to that run
     assert out["parts"]
