@@ -11,6 +11,7 @@ import torch
 
 from easyroutine_dist.storage.api import ActivationLoader, ActivationSaver
 
+from ..oracle import check_rows, hf_row
 from .conftest import CONFIG, POSITIONS, reference
 
 pytestmark = pytest.mark.slow
@@ -73,6 +74,36 @@ def test_run_on_s3(extractor, hooked_ref, texts, s3_bucket_url, s3_storage_optio
             assert s3_storage_options["secret"].encode() not in fs.cat_file(path)
 
 
+def _example_rows(mod, folder: Path, n: int):
+    """The example's tiny model (rebuilt by its own seeded save_tiny_model) as a plain HF model, and its ``n``
+    prompts (the example's seeded recipe) tokenised alone: (model, token id lists)."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mod.save_tiny_model(str(folder))
+    tok = AutoTokenizer.from_pretrained(folder)
+    rng = random.Random(0)
+    prompts = ["".join(rng.choice(mod.CHARS[:27]) for _ in range(rng.randint(5, 30))) for _ in range(n)]
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), [tok(p)["input_ids"] for p in prompts]
+
+
+def _check_example_run(cache, model, rows, lens_k=None) -> None:
+    """Every row's "last" slot equals the prompt alone through plain HF: resid_out_0/1 (if loaded), the final-normed
+    resid_out_2, and the top-``lens_k`` ids of the logit lens (final norm + lm_head; the logits at the last layer)."""
+    check_rows(cache, rows, ["last"], model, layers=[i for i in (0, 1) if f"resid_out_{i}" in cache.keys()])
+    slot = cache["mapping_index"]["last"][0]
+    for r, ids in enumerate(rows):
+        hidden, logits = hf_row(model, ids)
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.norm(cache["resid_out_2"][r, slot]), hidden[3][-1],
+                                       atol=1e-5, rtol=1e-4)
+            for i in range(3 if lens_k else 0):
+                lens = logits[-1] if i == 2 else model.lm_head(model.model.norm(hidden[i + 1][-1]))
+                want = lens.softmax(-1).topk(lens_k).indices.tolist()
+                assert cache[f"logit_lens_resid_out_{i}_topk_ids"][r, slot].tolist() == want, (i, r)
+
+
 def test_example_main(ray_cluster, tmp_path):
     path = Path(__file__).resolve().parents[2] / "examples" / "distributed_extraction.py"
     spec = importlib.util.spec_from_file_location("distributed_extraction_example", path)
@@ -82,6 +113,14 @@ def test_example_main(ray_cluster, tmp_path):
                     "--partition-size", "4"])
     assert out["n_rows"] == 12 and out["n_partitions"] == 3
     assert os.path.exists(out["url"])
+    # what it saved is the example's model run on each prompt alone, and its lens is that model's lens
+    model, rows = _example_rows(mod, tmp_path / "model", 12)
+    loader = ActivationLoader(tmp_path / "acts", experiment_name="distributed-example")
+    cache, _ = loader.query(tag="example").load(out["run_id"])
+    _check_example_run(cache, model, rows, lens_k=5)
+    post, _ = loader.query(tag="example-lens").load(out["lens_run_id"])  # post-hoc, top 3: the same ranking
+    for key in (f"logit_lens_resid_out_{i}_topk_ids" for i in range(3)):
+        assert torch.equal(post[key], cache[key][..., :3]), key
 
 
 @pytest.mark.parametrize("form", ["module:function", "callable"])
@@ -100,7 +139,7 @@ def test_model_factory_in_workers(ray_cluster, hooked_ref, texts, tmp_path, form
 
 
 @pytest.mark.s3
-def test_example_main_on_s3(ray_cluster, s3_endpoint, s3_bucket_url, monkeypatch):
+def test_example_main_on_s3(ray_cluster, s3_endpoint, s3_bucket_url, monkeypatch, tmp_path):
     """The example as a user runs it against S3: endpoint and credentials from the AWS_* environment."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     path = Path(__file__).resolve().parents[2] / "examples" / "distributed_extraction.py"
@@ -113,3 +152,5 @@ def test_example_main_on_s3(ray_cluster, s3_endpoint, s3_bucket_url, monkeypatch
     loader = ActivationLoader(f"{s3_bucket_url}/acts", experiment_name="distributed-example")
     cache, _ = loader.query(tag="example").load(out["run_id"], keys=["resid_out_2"])
     assert cache["resid_out_2"].shape[0] == 8
+    model, rows = _example_rows(mod, tmp_path / "model", 8)
+    _check_example_run(cache, model, rows)
