@@ -7,19 +7,24 @@ import torch
 
 from easyroutine_dist.storage.api import ActivationLoader, ActivationSaver
 
-from .conftest import CONFIG, POSITIONS, reference
+from ..models import tiny_model
+from ..oracle import hf_row
+from .conftest import CONFIG, POSITIONS
 
 pytestmark = pytest.mark.slow
 
 
-def _lens_ref(hooked, cache, directions):
-    from easyroutine_dist.lens import LogitLens
-
-    lens = LogitLens.from_model(hooked)
-    top = lens.topk(cache, "resid_out_{i}", k=3)
-    diff = lens.compute(cache, "resid_out_{i}", token_directions=directions, metric="logit_diff")
-    acc = lens.compute(cache, "resid_out_{i}", token_directions=directions, metric="accuracy")
-    return top, diff, acc
+def _hand_lens(texts, tokenizer) -> list[list[torch.Tensor]]:
+    """Per row, per layer i: the lens logits ``[2, vocab]`` at POSITIONS ("last", -2) of the row alone through plain
+    HF: final norm + lm_head on hidden_states[i + 1]; the model's own logits for the last layer."""
+    model = tiny_model("llama")
+    out = []
+    for text in texts:
+        hidden, logits = hf_row(model, tokenizer(text)["input_ids"])
+        at = [len(logits) - 1, len(logits) - 2]
+        with torch.no_grad():
+            out.append([model.lm_head(model.model.norm(hidden[i + 1][at])) for i in range(2)] + [logits[at]])
+    return out
 
 
 def test_inline_and_post_hoc_lens(extractor, hooked_ref, texts, tmp_path):
@@ -29,18 +34,23 @@ def test_inline_and_post_hoc_lens(extractor, hooked_ref, texts, tmp_path):
     plain = extractor.extract(texts, POSITIONS, CONFIG, saver, batch_size=4, partition_size=6, tag="plain")
     inline = extractor.extract(texts, POSITIONS, CONFIG, saver, batch_size=4, partition_size=6, tag="inline",
                                logit_lens=lens_cfg)
-    ref = reference(hooked_ref, texts)
-    top, diff, acc = _lens_ref(hooked_ref, ref, directions)
+    hand = _hand_lens(texts, hooked_ref.hf_tokenizer)
     loader = ActivationLoader(tmp_path, "lens")
     cache, meta = loader.query(tag="inline").load()
     assert meta["logit_lens"]["token_directions"]["count"] == len(texts)
-    for key in ("resid_out_0", "resid_out_1", "resid_out_2"):
+    slots = [cache["mapping_index"][k][0] for k in ("last", "-2")]
+    for i in range(3):
+        key = f"resid_out_{i}"
         ids, probs = cache[f"logit_lens_{key}_topk_ids"], cache[f"logit_lens_{key}_topk_probs"]
         assert ids.shape == (len(texts), 2, 3)
-        assert torch.equal(ids, top[f"logit_lens_{key}_topk_ids"])
-        assert torch.allclose(probs, top[f"logit_lens_{key}_topk_probs"], atol=1e-5)
-        assert torch.allclose(cache[f"logit_lens_{key}_logit_diff"], diff[f"logit_lens_{key}"], atol=1e-4)
-        assert torch.isclose(cache[f"logit_lens_{key}_correct"].mean(), acc[f"logit_lens_{key}"], atol=1e-6)
+        for r, (a, b) in enumerate(directions):
+            lens = hand[r][i]  # [2, vocab] at "last", -2
+            top = lens.softmax(-1).topk(3)
+            assert torch.equal(ids[r, slots], top.indices), (key, r)
+            torch.testing.assert_close(probs[r, slots], top.values, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cache[f"logit_lens_{key}_logit_diff"][r, slots].float(),
+                                       lens[:, a] - lens[:, b], atol=1e-4, rtol=1e-4)
+            assert cache[f"logit_lens_{key}_correct"][r, slots].tolist() == (lens[:, a] > lens[:, b]).tolist()
 
     # post-hoc over the stored plain run: a new run, linked to its source, with the same lens outputs
     source = loader.query(tag="plain")
