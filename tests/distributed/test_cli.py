@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from easyroutine_dist.config import ExtractionConfig
 from easyroutine_dist.storage.api import ActivationLoader
 
+from ..models import tiny_model
+from ..oracle import hf_row
 from .conftest import reference
 
 pytestmark = pytest.mark.slow
@@ -124,7 +126,7 @@ def test_unknown_job_key_refused(ray_cluster, workdir, prompts_txt):
     assert not (workdir / "bad-runs").exists()  # refused before any work
 
 
-def test_logit_lens_png(ray_cluster, model_dir, workdir, prompts_txt):
+def test_logit_lens_png(ray_cluster, model_dir, workdir, prompts_txt, texts, hooked_ref):
     from easyroutine_dist.cli import show_lens
 
     base = workdir / "lens-runs"
@@ -146,6 +148,19 @@ def test_logit_lens_png(ray_cluster, model_dir, workdir, prompts_txt):
 
     cache, _ = ActivationLoader(base, "lens").query(tag="lens").load(run_id)
     last = len(cache["token_dict"]["all"][1]) - 1
+    # the stored lens of row 1 is the lens by hand of that prompt alone through plain HF (final norm + lm_head on
+    # its hidden states; the model's logits at the last layer), at every real token
+    hf = tiny_model("llama")
+    hidden, logits = hf_row(hf, hooked_ref.hf_tokenizer(texts[1])["input_ids"])
+    assert last == len(logits) - 1
+    with torch.no_grad():
+        by_hand = [hf.lm_head(hf.model.norm(hidden[1])), hf.lm_head(hf.model.norm(hidden[2])), logits]
+    for layer, lens in enumerate(by_hand):
+        top = lens.softmax(-1).topk(3)
+        slots = cache["mapping_index"]["all"][:last + 1]
+        assert torch.equal(cache[f"logit_lens_resid_out_{layer}_topk_ids"][1, slots], top.indices), layer
+        torch.testing.assert_close(cache[f"logit_lens_resid_out_{layer}_topk_probs"][1, slots].float(), top.values,
+                                   atol=1e-5, rtol=1e-4)
     rows = show_lens(cache, 1, workdir / "stub.png", StubTokenizer())
     assert [r[0] for r in rows] == [0, 1, 2]
     for layer, token, prob in rows:
