@@ -89,7 +89,8 @@ def test_commit_run_reads_no_record_body_and_loads_in_order(backend, monkeypatch
     assert len(res) == 1 and res[0]["n_parts"] == 4
     if given != "none":
         assert res[0]["n_keys"] == 2
-    str(res)  # the table prints without a key count too
+    table = str(res)  # the table prints without a key count too, naming the run
+    assert run.run_id in table and "QueryResult(1 runs)" in table, table
     cache, meta = res.load()
     assert meta["run_id"] == run.run_id
     want = torch.cat([_part(p, ROWS[p])[0]["x"] for p in range(4)])
