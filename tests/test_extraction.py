@@ -13,33 +13,64 @@ from easyroutine_dist.config import ExtractionConfig
 
 from .models import hooked, random_batch, tiny_model
 
-HOOK_PATH = {"_handle", "take", "take_pattern", "_store", "_through_o_proj", "zero_padding", "_embeddings_with_grad"}
+def _inside_a_module_call(frame) -> bool:
+    """True while ``frame`` runs under an ``nn.Module.__call__`` (a forward, or a hook the forward calls)."""
+    while frame is not None:
+        if frame.f_code.co_filename.replace("\\", "/").endswith("torch/nn/modules/module.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
-def test_hooks_never_synchronise_with_the_device(monkeypatch):
-    """Every call that would make the host wait for a GPU (.item, bool(), .tolist, .cpu, .to('cpu'), .numpy) is
-    recorded when it comes from the hook path of extraction.py; none may happen."""
+def _spy_syncs(monkeypatch) -> list[str]:
+    """Record every call that would make the host wait for a GPU (.item, bool(), .tolist, .cpu, a blocking
+    .to('cpu'), .numpy) made by any function of extraction.py while the model runs (its hooks, whatever their
+    names); host code before and after the forward is not recorded."""
     calls: list[str] = []
 
     def spy(name, orig):
         def wrapper(self, *a, **k):
             frame = sys._getframe(1)
-            if frame.f_code.co_filename.endswith("extraction.py") and frame.f_code.co_name in HOOK_PATH:
-                if name != "to" or (a and str(a[0]) == "cpu") or str(k.get("device")) == "cpu":
+            if frame.f_code.co_filename.endswith("extraction.py") and _inside_a_module_call(frame):
+                to_cpu = (a and str(a[0]) == "cpu") or str(k.get("device")) == "cpu"
+                if name != "to" or (to_cpu and not k.get("non_blocking")):
                     calls.append(f"{name} in {frame.f_code.co_name}")
             return orig(self, *a, **k)
         return wrapper
 
     for name in ("item", "__bool__", "tolist", "cpu", "to", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+    return calls
+
+
+CFG = ExtractionConfig(extract_resid_out=True, extract_head_out=True, extract_attn_pattern=True,
+                       extract_values=True, save_logits=True)
+
+
+def test_hooks_never_synchronise_with_the_device(monkeypatch):
     hm = hooked("llama")
     batch = random_batch(3, 7, seed=2, padding_side="left", lengths=[7, 4, 5])
-    cfg = ExtractionConfig(extract_resid_out=True, extract_head_out=True, extract_attn_pattern=True,
-                           extract_values=True, save_logits=True)
-    cache = hm.forward(batch, ["all", "last"], extraction_config=cfg, move_to_cpu=True)
+    calls = _spy_syncs(monkeypatch)
+    cache = hm.forward(batch, ["all", "last"], extraction_config=CFG, move_to_cpu=True)
     monkeypatch.undo()
     assert calls == []
     assert cache["resid_out_0"].shape[:2] == (3, 8) and not cache["valid_mask"].all()
+
+
+def test_the_sync_spy_sees_a_sync_in_any_hook_function(monkeypatch):
+    """Positive control for the test above: a hook-path helper of extraction.py (here a stand-in for
+    Gathered.take compiled under extraction.py's file name, under a name no list knows) that calls .item() is
+    recorded, so an empty record means no sync, not a blind spy."""
+    from easyroutine_dist import extraction
+
+    src = "def helper_not_listed(self, t, rows=False):\n    t.sum().item()\n    return _take(self, t, rows)\n"
+    ns = {"_take": extraction.Gathered.take}
+    exec(compile(src, extraction.__file__, "exec"), ns)  # noqa: S102 - the stand-in's frames are extraction.py's
+    monkeypatch.setattr(extraction.Gathered, "take", ns["helper_not_listed"])
+    calls = _spy_syncs(monkeypatch)
+    hooked("llama").forward(random_batch(3, 7, seed=2), ["last"], extraction_config=CFG)
+    monkeypatch.undo()
+    assert "item in helper_not_listed" in calls
 
 
 def test_logits_only_at_target_positions_equal_hf():
