@@ -68,10 +68,11 @@ class ActivationSaver:
 
     def save(self, activations: Any, model: Any, target_token_positions: Any, interventions: Any,
              extraction_config: Any, other_metadata: Optional[dict] = None, tag: Optional[str] = None,
-             pivot_positions: Any = None) -> Union[Path, str]:
+             pivot_positions: Any = None, statistics: bool = False) -> Union[Path, str]:
         """Save one run; return its location (a Path on local disk). Metadata is checked before anything is
         written. ``other_metadata`` keys are also readable at the top level of the run's metadata (as in
-        easyroutine) unless they are library keys; loading returns the kind of object saved (tensor, dict, cache)."""
+        easyroutine) unless they are library keys; loading returns the kind of object saved (tensor, dict, cache).
+        ``statistics=True`` also stores per-key statistics over real slots (``QueryResult.statistics``)."""
         model_name = compat.model_name_of(model)
         model_config = None if isinstance(model, str) or model is None else getattr(model, "model_config", None)
         meta = {
@@ -84,11 +85,12 @@ class ActivationSaver:
             "tag": layout.check_tag(tag),
             "model_config": _model_config_summary(model_config),
         }
-        return self._save_one(activations, model_name, meta)
+        return self._save_one(activations, model_name, meta, statistics)
 
     def save_cache(self, cache: ActivationCache, other_metadata: Optional[dict] = None,
-                   tag: Optional[str] = None) -> Union[Path, str]:
-        """Save a cache whose ``cache["metadata"]`` holds model name, positions, config and interventions."""
+                   tag: Optional[str] = None, statistics: bool = False) -> Union[Path, str]:
+        """Save a cache whose ``cache["metadata"]`` holds model name, positions, config and interventions
+        (``statistics=True``: with per-key statistics over real slots, see ``QueryResult.statistics``)."""
         info = cache.get("metadata") if isinstance(cache, ActivationCache) else None
         if not isinstance(info, dict) or not info.get("model_name"):
             raise MetadataError(
@@ -106,16 +108,21 @@ class ActivationSaver:
             "tag": layout.check_tag(tag),
             "model_config": None,
         }
-        return self._save_one(cache, info.get("model_name"), meta)
+        return self._save_one(cache, info.get("model_name"), meta, statistics)
 
-    def _save_one(self, activations: Any, model_name: Any, meta: dict[str, Any]) -> Union[Path, str]:
+    def _save_one(self, activations: Any, model_name: Any, meta: dict[str, Any],
+                  statistics: bool = False) -> Union[Path, str]:
         layout.model_slug(model_name)
         flat = as_flat(activations)  # refuses non-JSON info before any write
         meta = compat.with_top_level_custom_keys({**meta, compat.SAVED_AS: compat.saved_as(activations)})
         run = self.writer.begin_run(self.experiment_name, model_name, meta)
         record = self.writer.write_part(run, 0, flat, check_committed=False)  # a run id nobody else has
+        if statistics:
+            from .stats import add_part_statistics
+
+            add_part_statistics(self.store, self.store.path(run.rel), record, flat)
         self.writer.commit_part(run, record)
-        return compat.location(self.store, self.writer.commit_run(run, [record], verify=False))
+        return compat.location(self.store, self.writer.commit_run(run, [record], verify=False, statistics=statistics))
 
     def save_object_to_path(self, obj: Any, metadata: dict, activation_dir: Any) -> None:
         """easyroutine's raw ``torch.save`` writer; refused here (no pickle is ever written, docs/compat.md)."""
@@ -200,6 +207,14 @@ class QueryResult:
     def iter_parts(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> Iterator[ActivationCache]:
         """Yield the run's parts one ActivationCache at a time, in order."""
         return iter_parts(self.store, self._entry(which), keys)
+
+    def statistics(self, which: Union[int, str] = -1) -> dict[str, dict[str, Any]]:
+        """Per-key statistics of a run saved with ``statistics=True``, over real slots only (padding excluded):
+        ``{key: {"count": int, "mean", "var", "min", "max": float64 Tensor [*features], "norm_mean": float}}``
+        (``var`` is the population variance). StorageError when the run has none."""
+        from .stats import run_statistics
+
+        return run_statistics(self.store, self._entry(which))
 
     def remove(self, which: Union[int, str] = -1) -> None:
         """Delete a run from storage (and from this result)."""

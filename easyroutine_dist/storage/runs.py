@@ -172,14 +172,15 @@ class RunWriter:
         return {pid: read_record(self.store, rdir, pid) for pid in self.committed_part_ids(run)}
 
     def commit_run(self, run: RunHandle, records: list[dict[str, Any]] | None = None, *, verify: bool = True,
-                   n_rows: int | None = None) -> str:
+                   n_rows: int | None = None, statistics: bool = False) -> str:
         """Write the run marker (last, exclusive) and register the run in the catalog; return the run's URL.
 
         ``records`` defaults to every committed part. Each given record must be committed (checked against the
         listing of ``records/`` unless ``verify=False``, for records whose ``commit_part`` this process has just
         seen succeed). The marker references the committed records by part id (schema 2); no record is read, so
         the memory this takes is a list of part ids, whatever the rows per part. ``n_rows`` (the run's examples)
-        goes into the marker and the catalog entry; with ``records`` it is their sum.
+        goes into the marker and the catalog entry; with ``records`` it is their sum. ``statistics=True`` first
+        merges the parts' statistics into the run's ``statistics.*`` files (:mod:`.stats`; reads the records).
         """
         if records is None:
             ids = self.committed_part_ids(run)
@@ -200,6 +201,10 @@ class RunWriter:
             manifest["n_keys"] = n_keys
         if n_rows is not None:
             manifest["n_rows"] = int(n_rows)
+        if statistics and not self.is_committed(run):  # before the marker: a committed run's files never change
+            from .stats import write_run_statistics
+
+            write_run_statistics(self.store, self._p(run), ids, records)
         if not create_exclusive(self.store, self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()):
             raise StorageError(f"run {run.run_id} is already committed.")
         self.catalog.add(entry_from_metadata(run.metadata, manifest))
