@@ -247,7 +247,8 @@ class DistributedExtractor:
             return schedule(self._workers, submit, parts, run, stop_after, bar, self.max_in_flight,
                             self.max_part_attempts, self.max_worker_restarts)
 
-    def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int, n_rows: Optional[int] = None) -> str:
+    def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int, n_rows: Optional[int] = None,
+                statistics: bool = False) -> str:
         """Publish the run once every part has its commit record; register it with the index.
 
         Only record *names* are listed (here and in ``commit_run``): memory is flat in the number of parts.
@@ -257,7 +258,7 @@ class DistributedExtractor:
             missing = sorted(set(range(n_parts)) - committed)
             raise DistributedError(f"run {run.run_id}: parts {missing[:20]} are not committed; nothing was published. "
                                    f"Resume with run_id={run.run_id!r}, resume=True.")
-        url = writer.commit_run(run, n_rows=n_rows)
+        url = writer.commit_run(run, n_rows=n_rows, statistics=statistics)  # statistics: merged before _SUCCESS
         entry_path = writer.store.path(CATALOG_DIR, run.experiment, f"{run.run_id}.json")
         try:
             entry = json.loads(read_bytes(writer.store, entry_path))
@@ -292,13 +293,15 @@ class DistributedExtractor:
                 other_metadata: Optional[dict[str, Any]] = None, interventions: Optional[list[Any]] = None,
                 logit_lens: Optional[dict[str, Any]] = None, run_id: Optional[str] = None, resume: bool = False,
                 text_column: str = "text", tokenizer_kwargs: Optional[dict[str, Any]] = None,
-                _inject_failure: Optional[dict[str, Any]] = None,
+                statistics: bool = False, _inject_failure: Optional[dict[str, Any]] = None,
                 _stop_after_parts: Optional[int] = None) -> DistributedRun:
         """Extract ``dataset`` into one run of ``saver``'s storage and experiment; return a :class:`DistributedRun`.
 
         Rows are stored in dataset order, partition ``i`` holding rows ``[i*partition_size, (i+1)*partition_size)``;
         each tensor is ``[rows, P, ...]`` exactly as ``HookedModel.extract_cache`` returns it. ``resume=True`` with
-        the ``run_id`` of an interrupted run recomputes only partitions without a commit record.
+        the ``run_id`` of an interrupted run recomputes only partitions without a commit record. ``statistics=True``:
+        each worker also stores its part's per-key statistics over real slots, merged at the run commit
+        (``QueryResult.statistics``; docs/storage_format.md, "Statistics").
         """
         from ..config import ExtractionConfig
         from ..positions import validate_specs
@@ -333,13 +336,15 @@ class DistributedExtractor:
                             "model_loading": describe_source(self.source),
                             "tokenizer_kwargs": normalise(dict(tokenizer_kwargs or {}), "tokenizer_kwargs")},
         }
+        if statistics:  # absent otherwise: runs begun before statistics existed resume unchanged
+            meta["statistics"] = True
         _probe_storage(saver)
         self._ensure_workers()  # first model load happens only after every check above passed
         meta["model_config"] = self._info["model_config"] if self._info else None
         writer: RunWriter = saver.writer
         run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                   ("target_token_positions", "interventions", "extraction_config", "logit_lens",
-                                   "distributed"))
+                                   "distributed", "statistics"))
         _LOG.info("run %s %s at %s (resume it with run_id=%r, resume=True if this driver dies)", run.run_id,
                      "resumed" if resumed else "started", run.url, run.run_id)
         done = set(writer.committed_part_ids(run)) if resumed else set()
@@ -356,7 +361,7 @@ class DistributedExtractor:
                "target_token_positions": list(target_token_positions),
                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
                "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
-               "tokenizer_kwargs": tokenizer_kwargs, "inject_failure": _inject_failure}
+               "tokenizer_kwargs": tokenizer_kwargs, "statistics": bool(statistics), "inject_failure": _inject_failure}
         job_ref = ray.put(job)  # shared by every task of the run
         n_parts = 0
         n_rows = 0
@@ -374,7 +379,7 @@ class DistributedExtractor:
         rows, recomputed, skipped, retried, busy = self._run_parts(
             lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts, plan.n_rows)
         tc = time.perf_counter()
-        url = self._commit(writer, run, n_parts, n_rows)
+        url = self._commit(writer, run, n_parts, n_rows, bool(statistics))
         tc = time.perf_counter() - tc
         return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
                               recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed, busy, tc)

@@ -108,6 +108,10 @@ class ExtractionWorker:
         record = writer.write_part(run, part_id, data)
         if fingerprint is not None:  # the driver's digest of this part's inputs: resume compares it
             record["fingerprint"] = fingerprint
+        if job.get("statistics"):  # this part's per-key statistics over real slots: one more shard of the part
+            from ..storage.stats import add_part_statistics
+
+            add_part_statistics(writer.store, writer.store.path(run.rel), record, data)
         self._maybe_fail(job, part_id)  # after the shards, before the commit record: the worst moment to die
         created = writer.commit_part(run, record)
         self.parts_done += 1
