@@ -91,7 +91,22 @@ def _sha(view: memoryview) -> str:
     return hashlib.sha256(view).hexdigest()  # releases the GIL on large buffers: runs beside the writes
 
 
-_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="shard-sha256")
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="shard-sha256")
+
+
+_POOL = _new_pool()
+
+
+def _renew_pool_in_child() -> None:
+    """A forked child (e.g. a DataLoader worker) has none of the parent's threads: a copied pool would take work and
+    never run it. The child gets a pool of its own."""
+    global _POOL
+    _POOL = _new_pool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_pool_in_child)
 
 
 def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

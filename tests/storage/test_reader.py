@@ -1,0 +1,197 @@
+"""QueryResult.torch_dataset (storage/reader.py): every row / real token slot exactly once over 2 ranks x 2 DataLoader
+workers (local disk, memory://, S3), values equal to the loaded run, reproducible shuffles, normalisation from the
+stored statistics, bounded prefetch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from easyroutine_dist.config import ExtractionConfig
+from easyroutine_dist.distributed import tokenize_batches
+from easyroutine_dist.errors import ConfigError, StorageError
+
+from ..distributed.tiny import char_tokenizer, prompts
+from ..models import hooked
+from .test_statistics import write_run
+
+CHUNKS = [(0, 7), (7, 9), (9, 19), (19, 23)]
+KEYS = ["resid_out_1", "logits"]
+
+
+@pytest.fixture(scope="module")
+def part_caches():
+    model = hooked("llama")
+    texts = prompts(23, seed=5)
+    cfg = ExtractionConfig(extract_resid_out=True, save_logits=True)
+    return [model.extract_cache(tokenize_batches(char_tokenizer(), texts[a:b], 4), ["all", "last"],
+                                extraction_config=cfg, row_offset=a) for a, b in CHUNKS]
+
+
+@pytest.fixture
+def stored(local_backend, part_caches):
+    """(QueryResult, the loaded run) of a 4-part local run with statistics."""
+    write_run(local_backend.saver("reader"), part_caches)
+    q = local_backend.loader("reader").query()
+    return q, q.load()[0]
+
+
+def epoch(q, world_size=2, workers=2, epoch_no=0, **kw):
+    """Every batch of one epoch over ``world_size`` ranks, each through a DataLoader with ``workers`` workers."""
+    out = []
+    for rank in range(world_size):
+        ds = q.torch_dataset(rank=rank, world_size=world_size, **kw)
+        ds.set_epoch(epoch_no)
+        out.extend(DataLoader(ds, batch_size=None, num_workers=workers))
+    return out
+
+
+def check_rows(batches, cache, keys=KEYS):
+    rows = torch.cat([b["row_index"] for b in batches])
+    assert sorted(rows.tolist()) == list(range(cache["valid_mask"].shape[0]))  # each row exactly once
+    for b in batches:
+        for k in keys:
+            assert torch.equal(b[k], cache[k][b["row_index"]]), k
+        assert torch.equal(b["valid_mask"], cache["valid_mask"][b["row_index"]])
+
+
+def check_tokens(batches, cache, keys=KEYS):
+    pairs = [(r, s) for b in batches for r, s in zip(b["row_index"].tolist(), b["slot"].tolist())]
+    real = {tuple(p) for p in cache["valid_mask"].nonzero().tolist()}
+    assert len(pairs) == len(set(pairs)) == len(real) and set(pairs) == real  # each real slot exactly once
+    for b in batches:
+        for k in keys:
+            assert torch.equal(b[k], cache[k][b["row_index"], b["slot"]]), k
+
+
+def test_exactly_once_over_two_ranks_and_two_workers(backend, part_caches):
+    write_run(backend.saver("reader"), part_caches)
+    q = backend.loader("reader").query()
+    cache = q.load()[0]
+    assert not cache["valid_mask"].all()
+    check_rows(epoch(q, keys=KEYS, unit="rows", batch_size=3, shuffle_buffer=6), cache)
+    check_tokens(epoch(q, keys=KEYS, unit="tokens", batch_size=16, shuffle_buffer=40), cache)
+
+
+def test_shuffles_are_reproducible_and_change_with_the_epoch_and_seed(stored):
+    q, cache = stored
+
+    def order(**kw):
+        batches = epoch(q, unit="tokens", keys=["resid_out_1"], batch_size=8, shuffle_buffer=32, **kw)
+        return [(b["row_index"].tolist(), b["slot"].tolist()) for b in batches], batches
+
+    first, batches = order(epoch_no=0)
+    again, batches_again = order(epoch_no=0)
+    assert first == again
+    assert all(torch.equal(a["resid_out_1"], b["resid_out_1"]) for a, b in zip(batches, batches_again))
+    second, later = order(epoch_no=1)
+    assert second != first
+    check_tokens(later, cache, ["resid_out_1"])  # another epoch: still every real slot once
+    assert order(epoch_no=0, seed=7)[0] != first
+    # the shuffle is real: rows of several parts meet in one batch, and not in dataset order
+    flat = [r for rows, _ in first for r in rows]
+    assert flat != sorted(flat)
+    part_of = [sum(r >= a for a, _ in CHUNKS) for r in range(23)]
+    assert any(len({part_of[r] for r in rows}) > 1 for rows, _ in first)
+    plain, _ = order(shuffle=False)
+    for rows, slots in plain:  # no shuffle: each reader yields its rows in order
+        assert [(r, s) for r, s in zip(rows, slots)] == sorted(zip(rows, slots))
+
+
+def test_more_readers_than_rows_and_uneven_shares(stored):
+    q, cache = stored
+    batches = []
+    for rank in range(30):  # 30 readers for 23 rows: some get nothing
+        batches.extend(q.torch_dataset(rank=rank, world_size=30, keys=KEYS, batch_size=2, shuffle=True))
+    check_rows(batches, cache)
+    ds = q.torch_dataset(rank=0, world_size=3, keys=KEYS)
+    shares = [sum(b - a for _, a, b in ds.assignment(g, 3)) for g in range(3)]
+    assert sum(shares) == 23 and max(shares) - min(shares) <= 1  # shared parts: balanced to one row
+
+
+def test_normalisation_uses_the_stored_statistics(stored):
+    q, cache = stored
+    vm = cache["valid_mask"]
+    x = cache["resid_out_1"][vm].double()  # expected constants, with plain torch over the real slots
+    mean, std = x.mean(0), x.var(0, correction=0).sqrt()
+    norm_mean = x.norm(dim=1).mean()
+    for b in epoch(q, world_size=1, workers=0, unit="tokens", keys=["resid_out_1"], normalize="mean_std"):
+        raw = cache["resid_out_1"][b["row_index"], b["slot"]].double()
+        torch.testing.assert_close(b["resid_out_1"].double(), (raw - mean) / std, rtol=1e-4, atol=1e-4)
+    for b in epoch(q, world_size=1, workers=0, unit="rows", keys=["resid_out_1"], normalize="norm"):
+        raw = cache["resid_out_1"][b["row_index"]].double()
+        torch.testing.assert_close(b["resid_out_1"].double(), raw / norm_mean, rtol=1e-4, atol=1e-5)
+        assert (b["resid_out_1"][~b["valid_mask"]] == 0).all()  # padding stays zero
+
+
+def test_prefetch_is_bounded(stored, monkeypatch):
+    from easyroutine_dist.storage.reader import RunDataset
+
+    q, _ = stored
+    started = []
+    real = RunDataset._load
+
+    def counting(self, store, i, a, b):
+        started.append(i)
+        return real(self, store, i, a, b)
+
+    monkeypatch.setattr(RunDataset, "_load", counting)
+    ds = q.torch_dataset(keys=["resid_out_1"], batch_size=1, shuffle=False, prefetch=1)
+    consumed_parts = set()
+    for batch in ds:
+        row = int(batch["row_index"][0])
+        consumed_parts.add(next(i for i, p in enumerate(ds.parts) if p.start <= row < p.start + p.rows))
+        assert len(started) <= len(consumed_parts) + 1  # one part read ahead, never more
+    assert sorted(started) == [0, 1, 2, 3]
+
+
+def test_bad_requests_are_refused_before_reading(stored, local_backend):
+    q, _ = stored
+    with pytest.raises(ConfigError, match="unit"):
+        q.torch_dataset(unit="sentences")
+    with pytest.raises(ConfigError, match="no keys"):
+        q.torch_dataset(keys=["resid_out_9"])
+    with pytest.raises(ConfigError, match="rank"):
+        q.torch_dataset(rank=2, world_size=2)
+    saver = local_backend.saver("plain")
+    saver.save(torch.randn(4, 3), "m", ["last"], None, {})
+    plain = local_backend.loader("plain").query()
+    with pytest.raises(ConfigError, match="tokens"):
+        plain.torch_dataset(unit="tokens")
+    with pytest.raises(StorageError, match="statistics=True"):
+        plain.torch_dataset(normalize="mean_std")
+    rows = [b["activations"] for b in plain.torch_dataset(batch_size=3, shuffle=False)]
+    assert torch.equal(torch.cat(rows), plain.load()[0])
+
+
+def test_forked_workers_read_whole_shards_after_the_parent_used_the_hash_pool(local_backend):
+    """DataLoader workers are forked from a process whose shard hashing threads ran (write, load); a whole-shard read
+    in a worker must not wait on the parent's threads, which do not exist in the child."""
+    x = torch.randn(40, 6)
+    local_backend.saver("fork").save(x, "m", ["last"], None, {})
+    q = local_backend.loader("fork").query()
+    assert torch.equal(q.load()[0], x)  # whole-shard reads in this process
+    ds = q.torch_dataset(batch_size=8, shuffle=False)  # "activations" is the shard's only tensor: whole reads
+    out = torch.zeros_like(x)
+    for b in DataLoader(ds, batch_size=None, num_workers=2, timeout=30):
+        out[b["row_index"]] = b["activations"]
+    assert torch.equal(out, x)
+
+
+def test_set_epoch_reaches_persistent_workers(stored):
+    q, cache = stored
+    kw = dict(unit="tokens", keys=["resid_out_1"], batch_size=8, shuffle_buffer=32)
+    ds = q.torch_dataset(**kw)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    seen = []
+    for n in (0, 1):
+        ds.set_epoch(n)
+        seen.append([b["row_index"].tolist() + b["slot"].tolist() for b in loader])
+    fresh = []
+    for n in (0, 1):  # the same epochs through new workers
+        ds_n = q.torch_dataset(**kw)
+        ds_n.set_epoch(n)
+        fresh.append([b["row_index"].tolist() + b["slot"].tolist() for b in DataLoader(ds_n, batch_size=None,
+                                                                                         num_workers=2)])
+    assert seen == fresh and seen[0] != seen[1]
