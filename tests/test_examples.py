@@ -127,3 +127,16 @@ def test_query_and_load_example_on_s3(query_example, s3_bucket_url, s3_storage_o
                              tokenizer=char_tokenizer())
     _check_query(query_example, out, capsys.readouterr().out)
     assert out["by_tag"].get_paths()[0].startswith(f"{s3_bucket_url}/acts/")
+
+
+def test_train_probe_from_archive_example(tmp_path, capsys):
+    mod = _load("train_probe_from_archive")
+    out = mod.main(hooked("llama"), tmp_path, tokenizer=char_tokenizer(), epochs=4)
+    printed = capsys.readouterr().out
+    losses = out["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]  # the probe learns
+    # every epoch went over every real token of the stored run once (counted from the loaded run's valid_mask)
+    cache, _ = out["query"].load()
+    n_tokens = int(cache["valid_mask"].sum())
+    assert printed.count(f"over {n_tokens} tokens") == 4
+    assert out["query"].statistics()[out["key"]]["count"] == n_tokens
