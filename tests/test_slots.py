@@ -147,3 +147,22 @@ def test_patterns_concatenate_on_both_axes(tmp_path):
         pad_slots = list(range(n, 7))
         assert torch.count_nonzero(cache["pattern_L1H2"][r][pad_slots]) == 0
         assert cache["valid_mask_pattern_rows"][r].tolist() == [j < n for j in range(7)] + [True]
+
+
+def test_old_multi_part_run_with_different_layouts_is_refused_but_iterable(tmp_path):
+    """Runs written before slot_layout: parts whose groups differ cannot be aligned, so load() refuses them."""
+    import pytest
+
+    from easyroutine_dist.errors import StorageError
+
+    writer = RunWriter(tmp_path)
+    run = writer.begin_run("old", "m", {})
+    for pid, width in enumerate((2, 4)):
+        writer.commit_part(run, writer.write_part(run, pid, ({"x": torch.ones(1, width + 1, 3)},
+                                                             {"mapping_index": {"all": list(range(width)),
+                                                                                "last": [width]}})))
+    writer.commit_run(run)
+    q = ActivationLoader(tmp_path, "old").query()
+    with pytest.raises(StorageError, match="cannot be joined"):
+        q.load()
+    assert [p["x"].shape[1] for p in q.iter_parts()] == [3, 5]

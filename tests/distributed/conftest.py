@@ -69,6 +69,42 @@ def texts() -> list[str]:
 
 
 def reference(hooked, texts, batch_size=4, positions=POSITIONS, config=CONFIG):
-    """Single-process extract_cache of the same prompts, tokenised the same way."""
-    return hooked.extract_cache(tokenize_batches(hooked.hf_tokenizer, texts, batch_size), positions,
-                                extraction_config=config)
+    """The oracle of a distributed run, computed without our extraction code: each prompt run alone through the
+    plain HF model (its own tokenizer, no padding), ``resid_out_{i}`` read by a plain torch forward hook on decoder
+    layer i, ``logits`` from HF's output, at the positions the fixed-width specs name (Python indexing over the
+    prompt's tokens). Returns ``{key: [rows, P, ...]}`` plus ``token_dict``. ``batch_size`` is ignored: the oracle
+    has no batches."""
+    import torch
+
+    from ..oracle import spec_name, spec_positions
+
+    model, tok = hooked.hf_model, hooked.hf_tokenizer
+    layers = model.model.layers
+    grabbed: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda m, a, out, i=i: grabbed.__setitem__(
+        i, (out[0] if isinstance(out, tuple) else out).detach())) for i, layer in enumerate(layers)]
+    out: dict = {f"resid_out_{i}": [] for i in range(len(layers))}
+    if config.save_logits:
+        out["logits"] = []
+    token_dict: dict = {spec_name(s): [] for s in positions}
+    try:
+        for text in texts:
+            ids = tok(text)["input_ids"]
+            pos = []
+            for s in positions:
+                p = spec_positions(s, len(ids))
+                assert p is not None and len(p) == 1, f"the distributed oracle takes fixed-width specs, got {s!r}"
+                token_dict[spec_name(s)].append(p)
+                pos += p
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            for i in range(len(layers)):
+                out[f"resid_out_{i}"].append(grabbed[i][0, pos])
+            if config.save_logits:
+                out["logits"].append(logits[pos])
+    finally:
+        for h in handles:
+            h.remove()
+    ref = {k: torch.stack(v) for k, v in out.items()}
+    ref["token_dict"] = token_dict
+    return ref
