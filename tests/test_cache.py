@@ -99,6 +99,11 @@ def test_flat_round_trip_and_map_to_dict():
     back = ActivationCache.from_flat(tensors, info)
     assert torch.equal(back["resid_out_0"], c["resid_out_0"]) and back["metadata"] == c["metadata"]
     assert back.map_to_dict("resid_out_0")["last"].shape == (2, 2, 4)
+    groups = ActivationCache()
+    groups["x"] = torch.arange(2 * 3).reshape(2, 3)  # [batch 2, P 3]: row 0 -> 0 1 2, row 1 -> 3 4 5
+    groups["mapping_index"] = {"last": [0], "all": [1, 2]}
+    split = groups.map_to_dict("x")
+    assert split["last"].tolist() == [[0], [3]] and split["all"].tolist() == [[1, 2], [4, 5]]
     c["bad"] = object()
     with pytest.raises(ConfigError, match="bad"):
         c.to_flat()

@@ -201,6 +201,11 @@ def test_random_seed_matters_and_is_documented_generator() -> None:
     for r in range(4):
         g = torch.Generator().manual_seed(zlib.crc32(f"0:{r}:random-text-4".encode()))
         assert a[r] == sorted(torch.randperm(30, generator=g)[:4].tolist())
+    # the row is the dataset row: a batch that starts at dataset row 10 seeds its row r with 10 + r
+    c = resolve_positions(["random-text-4"], mask, seed=0, row_offset=10).token_dict["random-text-4"]
+    for r in range(4):
+        g = torch.Generator().manual_seed(zlib.crc32(f"0:{10 + r}:random-text-4".encode()))
+        assert c[r] == sorted(torch.randperm(30, generator=g)[:4].tolist())
 
 
 def test_random_full_sample_is_everything() -> None:
