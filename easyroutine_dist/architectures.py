@@ -53,6 +53,11 @@ class ArchSpec:
     softcap_attr: str | None = None
     # (config attribute, predicate on its value, why it is refused)
     refuse: tuple[tuple[str, Callable[[Any], bool], str], ...] = field(default=())
+    # final logits = lm_head(norm(x)) * config.<logit_scale_attr> ("mul", Cohere) or / it ("div", Granite)
+    logit_scale_attr: str | None = None
+    logit_scale_op: Literal["mul", "div"] = "mul"
+    # True: inferred from the module tree (infer_arch), accepted only once the load-time oracles pass
+    inferred: bool = False
 
 
 _LLAMA_LIKE = dict(
@@ -118,15 +123,18 @@ def register(model_type: str, spec: ArchSpec, clobber: bool = False) -> None:
     REGISTRY[model_type] = spec
 
 
-def spec_for(config: Any) -> ArchSpec:
-    """The ArchSpec for an HF config, with the config-dependent parts resolved (e.g. NeoX parallel residual)."""
+def spec_for(config: Any, model: Any = None) -> ArchSpec:
+    """The ArchSpec for an HF config, with the config-dependent parts resolved (e.g. NeoX parallel residual).
+
+    A ``model_type`` outside the registry is inferred from the module tree (``model``, or one built on the meta
+    device from ``config``) when it has the standard layout; such a spec has ``inferred=True`` and HookedModel
+    accepts it only after the load-time oracles pass (``infer_arch.prove``). Otherwise UnsupportedArchitectureError.
+    """
     model_type = getattr(config, "model_type", None)
     if model_type not in REGISTRY:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} is not a supported architecture (supported: {sorted(REGISTRY)}). "
-            "Register it with easyroutine_dist.architectures.register(model_type, ArchSpec(...)) giving the module "
-            "paths of its layers, attention, projections, norms and unembedding."
-        )
+        from .infer_arch import infer_spec
+
+        return infer_spec(config, model)
     spec = REGISTRY[model_type]
     for attr, bad, why in spec.refuse:
         if bad(getattr(config, attr, None)):

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .architectures import REGISTRY
+from .architectures import REGISTRY, ArchSpec
 from .errors import ConfigError
 from .lens_ops import _config_dict, _config_get, _read_param, final_norm, match_keys
 
@@ -39,13 +39,17 @@ class LogitLens:
         model_name: name recorded in saved lenses.
         model_config: HF config (or dict, or ModelShape); its ``model_type`` selects the norm formula and its
             ``final_logit_softcapping`` the soft-cap.
-        norm_kind / norm_offset / eps / softcap: explicit overrides of what is inferred.
+        norm_kind / norm_offset / eps / softcap / logit_scale: explicit overrides of what is inferred
+            (``logit_scale`` multiplies the logits before the soft-cap: Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``).
+        arch: the model's ArchSpec when it is not in the registry (``from_model`` passes the model's own).
     """
 
     def __init__(self, unembedding_matrix: Any, last_layer_norm: Any, model_name: str, model_config: Any,
                  *, norm_kind: str | None = None, norm_offset: float | None = None, eps: float | None = None,
                  softcap: float | None | Literal["auto"] = "auto", tokenizer: Any = None,
-                 chunk_positions: int = 1024, chunk_vocab: int = 16384) -> None:
+                 chunk_positions: int = 1024, chunk_vocab: int = 16384,
+                 logit_scale: float | None | Literal["auto"] = "auto", arch: ArchSpec | None = None) -> None:
         if isinstance(unembedding_matrix, torch.Tensor):
             self.W_U, self.b_U = unembedding_matrix.detach(), None
         elif isinstance(unembedding_matrix, torch.nn.Module):
@@ -56,7 +60,7 @@ class LogitLens:
         if self.W_U is None or self.W_U.dim() != 2:
             raise ConfigError("LogitLens: the unembedding must be a 2-D [vocab, d] matrix.")
         model_type = _config_get(model_config, "model_type")
-        spec = REGISTRY.get(model_type) if model_type else None
+        spec = arch if arch is not None else (REGISTRY.get(model_type) if model_type else None)
         if last_layer_norm is None or isinstance(last_layer_norm, torch.nn.Module):
             self.norm_weight = _read_param(last_layer_norm, "weight")
             self.norm_bias = _read_param(last_layer_norm, "bias")
@@ -86,6 +90,11 @@ class LogitLens:
             else:
                 softcap = None
         self.softcap = float(softcap) if softcap else None
+        if logit_scale == "auto":
+            value = _config_get(model_config, spec.logit_scale_attr) if spec and spec.logit_scale_attr else None
+            logit_scale = None if value is None else (1.0 / float(value) if spec.logit_scale_op == "div"
+                                                      else float(value))
+        self.logit_scale = None if logit_scale is None or float(logit_scale) == 1.0 else float(logit_scale)
         self.model_name = str(model_name)
         self.model_config = _config_dict(model_config)
         self.tokenizer = tokenizer
@@ -96,7 +105,8 @@ class LogitLens:
     # ------------------------------------------------------------------ construction
     def __repr__(self) -> str:
         return (f"LogitLens({self.model_name!r}, vocab={self.vocab_size}, d={self.hidden_size}, "
-                f"norm={self.norm_kind}, offset={self.norm_offset}, softcap={self.softcap})")
+                f"norm={self.norm_kind}, offset={self.norm_offset}, softcap={self.softcap}, "
+                f"logit_scale={self.logit_scale})")
 
     @classmethod
     def from_model(cls, model: Any, **kwargs: Any) -> "LogitLens":
@@ -105,6 +115,7 @@ class LogitLens:
         The unembedding is ``hf_model.get_output_embeddings()`` (HF's own pointer: GPT-NeoX's head is ``lm_head`` in
         transformers 5, ``embed_out`` before), falling back to ``model.get_lm_head()``."""
         head = model.hf_model.get_output_embeddings() if hasattr(model.hf_model, "get_output_embeddings") else None
+        kwargs.setdefault("arch", getattr(model, "spec", None))
         return cls(head if head is not None else model.get_lm_head(), model.get_last_layernorm(), model.model_name,
                    model.hf_model.config,
                    tokenizer=getattr(model, "hf_tokenizer", None), **kwargs)
@@ -153,6 +164,7 @@ class LogitLens:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         meta = {"format": _FORMAT, "model_name": self.model_name, "norm_kind": self.norm_kind,
                 "eps": self.eps, "norm_offset": self.norm_offset, "softcap": self.softcap,
+                "logit_scale": self.logit_scale,
                 "vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "model_config": self.model_config}
         fs, root = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
         fs.makedirs(root, exist_ok=True)
@@ -187,6 +199,7 @@ class LogitLens:
         lens.norm_bias = tensors["norm_bias"].to(device) if "norm_bias" in tensors else None
         lens.norm_kind, lens.eps, lens.norm_offset = meta["norm_kind"], float(meta["eps"]), float(meta["norm_offset"])
         lens.softcap = meta["softcap"]
+        lens.logit_scale = meta.get("logit_scale")
         lens.model_name, lens.model_config = meta["model_name"], meta["model_config"]
         lens.tokenizer, lens.chunk_positions, lens.chunk_vocab = tokenizer, 1024, 16384
         return lens
@@ -201,6 +214,8 @@ class LogitLens:
         return x.to(self.W_U.dtype)
 
     def _cap(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
         if self.softcap:
             return torch.tanh(logits / self.softcap) * self.softcap
         return logits

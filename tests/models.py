@@ -1,4 +1,5 @@
-"""Tiny random models, built in code from HF configs, one per registry architecture."""
+"""Tiny random models, built in code from HF configs, one per registry architecture (and one per architecture
+outside the registry that is accepted by inference and the load-time oracles: INFERRED_ARCHS)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 VOCAB = 96
 ARCHS = ["gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
          "gemma3_text", "phi3", "olmo2"]
+#: not in the registry: their ArchSpec is inferred from the module tree and accepted by proof (issue 12)
+INFERRED_ARCHS = ["olmo", "granite", "starcoder2", "cohere", "helium", "phi"]
 
 
 def tiny_config(arch: str):
@@ -26,7 +29,15 @@ def tiny_config(arch: str):
                                     rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)
     common["num_key_value_heads"] = 2
     extra: dict = {}
-    if arch in ("qwen3", "gemma", "gemma2", "gemma3_text"):
+    if arch == "granite":  # logits divided by logits_scaling; residual branches unscaled (residual_multiplier=1)
+        extra.update(logits_scaling=4.0, embedding_multiplier=2.0, attention_multiplier=0.3)
+    if arch == "cohere":  # parallel residual, LayerNorm without bias, logits multiplied by logit_scale
+        extra["logit_scale"] = 0.5
+    if arch == "starcoder2":
+        extra.update(residual_dropout=0.0, embedding_dropout=0.0)
+    if arch == "phi":  # parallel residual, final_layernorm, o_proj named dense, lm_head with a bias
+        extra.update(resid_pdrop=0.0, embd_pdrop=0.0)
+    if arch in ("qwen3", "gemma", "gemma2", "gemma3_text", "helium"):
         extra["head_dim"] = 8
     if arch in ("gemma2", "gemma3_text"):
         extra.update(sliding_window=4, query_pre_attn_scalar=8)

@@ -252,9 +252,9 @@ def test_unknown_config_field_and_unknown_architecture_are_refused():
         ExtractionConfig(extract_resid_outt=True)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("mixtral", vocab_size=32, num_hidden_layers=1, hidden_size=16,
-                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
-                               num_local_experts=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # outside the registry and not the standard layout (fused c_attn, ln_1/ln_2): refused, not inferred (issue 12)
+    cfg = AutoConfig.for_model("gpt_bigcode", vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_positions=32,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with pytest.raises(UnsupportedArchitectureError, match="register"):
         HookedModel(AutoModelForCausalLM.from_config(cfg))
     gpt2 = tiny_model("gpt2")
@@ -272,9 +272,9 @@ def test_registering_a_new_architecture():
     model = tiny_model("llama", seed=7)
     model.config.model_type = "my_llama"
     try:
-        with pytest.raises(UnsupportedArchitectureError):
-            HookedModel(model)
+        assert HookedModel(model).spec.inferred  # unknown type, standard layout: accepted by proof (issue 12)
         architectures.register("my_llama", architectures.REGISTRY["llama"])
+        assert not HookedModel(model).spec.inferred  # a registered entry is used as written
         with pytest.raises(UnsupportedArchitectureError, match="already registered"):
             architectures.register("my_llama", architectures.REGISTRY["llama"])
         batch = random_batch()
@@ -419,9 +419,10 @@ def test_from_pretrained_passes_device_map_and_dtype_through(tmp_path, monkeypat
 def test_from_pretrained_refuses_unknown_architecture_before_loading_weights(tmp_path):
     from transformers import AutoConfig
 
-    AutoConfig.for_model("mixtral", vocab_size=32, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=16).save_pretrained(tmp_path / "moe")
-    with pytest.raises(UnsupportedArchitectureError, match="mixtral"):
+    # not in the registry, and its module tree (built on the meta device) is not the standard layout
+    AutoConfig.for_model("gpt_bigcode", vocab_size=32, n_layer=1, n_embd=16, n_head=2,
+                         n_positions=32).save_pretrained(tmp_path / "moe")
+    with pytest.raises(UnsupportedArchitectureError, match="gpt_bigcode"):
         HookedModel.from_pretrained(str(tmp_path / "moe"))  # no weights in the folder: would fail later otherwise
 
 
