@@ -94,3 +94,6 @@ class ValueWithInfo:
 
     def __repr__(self) -> str:
         return f"ValueWithInfo(value={self._value!r}, info={self._info!r})"
+
+
+torch.serialization.add_safe_globals([ValueWithInfo])  # a torch.save'd cache holding one loads with weights_only=True

@@ -26,7 +26,7 @@ def test_dict_protocol():
     assert "token_dict" not in c
     c.update({"x": torch.ones(2, 1)})
     assert dict(c.items())["x"].shape == (2, 1)
-    assert c.memory_size() == 2 * 2 * 4 * 4 + 2 * 4
+    assert c.nbytes() == 2 * 2 * 4 * 4 + 2 * 4 and c.memory_size() == "72.00 B"
 
 
 def test_cat_concatenates_on_the_batch_axis_and_merges_info():
@@ -82,13 +82,53 @@ def test_cat_is_linear_in_the_number_of_batches():
     assert copies(400) == 4 * copies(100)
 
 
-def test_register_aggregation():
+def test_register_aggregation_gets_old_and_new():
+    """easyroutine's contract: fn(old, new), old None when the cache starts empty."""
     a, b = _cache(1, 0), _cache(1, 1)
-    a["score"] = torch.tensor([1.0])
-    b["score"] = torch.tensor([3.0])
-    a.register_aggregation("score", lambda vals: torch.stack(vals).mean(0))
+    a["score"], b["score"] = torch.tensor([1.0]), torch.tensor([3.0])
+    seen = []
+
+    def keep_max(old, new):
+        seen.append((None if old is None else old.tolist(), new.tolist()))
+        return new if old is None else torch.maximum(old, new)
+
+    a.register_aggregation("score", keep_max)
     a.cat(b)
-    assert torch.equal(a["score"], torch.tensor([2.0]))
+    assert torch.equal(a["score"], torch.tensor([3.0])) and seen == [([1.0], [3.0])]
+    empty = ActivationCache()
+    empty.register_aggregation("score", keep_max)
+    empty.cat(b)
+    assert seen[-1] == (None, [3.0])
+
+
+def test_cat_refuses_different_keys_and_keeps_values_like_easyroutine():
+    a, b = _cache(1, 0), _cache(1, 1)
+    b["extra"] = torch.ones(1)
+    with pytest.raises(ValueError, match="extra"):
+        a.cat(b)
+    x, y = ActivationCache(), ActivationCache()
+    x["l"], y["l"] = [1, 2], [3]
+    x["t"], y["t"] = (1, 2), (3, 4)
+    x["odd"], y["odd"] = torch.ones(2, 3), torch.ones(2, 2)  # cannot be concatenated: kept, not padded
+    x.cat(y)
+    assert x["l"] == [1, 2, 3] and x["t"] == [(1, 2), (3, 4)]
+    assert isinstance(x["odd"], list) and [t.shape[1] for t in x["odd"]] == [3, 2]
+
+
+def test_deferred_mode_pickling_and_memory_report(tmp_path):
+    a, b = _cache(2, 0), _cache(3, 1)
+    want = torch.cat([a["resid_out_0"], b["resid_out_0"]])
+    a.register_aggregation("token_dict", lambda old, new: new if old is None else old)  # a lambda: not picklable
+    with a.deferred_mode():
+        a.cat(b)
+        assert a["resid_out_0"].shape[0] == 2  # queued only
+    assert torch.equal(a["resid_out_0"], want)
+    torch.save(a, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt")  # weights_only=True, the default
+    assert torch.equal(back["resid_out_0"], want)
+    tree = a.memory_tree(print_tree=False, grouped_tree=True)
+    assert tree["resid_out"] == "160.00 B (1 items)"  # 5 rows x 2 positions x 4 floats of 4 bytes
+    assert a.memory_size("resid_out_0") == "160.00 B" and ActivationCache.memory_size(_cache(50, 0)) == "1.60 KB"
 
 
 def test_flat_round_trip_and_map_to_dict():
