@@ -68,11 +68,15 @@ class ActivationSaver:
 
     def save(self, activations: Any, model: Any, target_token_positions: Any, interventions: Any,
              extraction_config: Any, other_metadata: Optional[dict] = None, tag: Optional[str] = None,
-             pivot_positions: Any = None, statistics: bool = False) -> Union[Path, str]:
+             pivot_positions: Any = None, statistics: bool = False, self_check: str = "off",
+             inputs: Any = None) -> Union[Path, str]:
         """Save one run; return its location (a Path on local disk). Metadata is checked before anything is
         written. ``other_metadata`` keys are also readable at the top level of the run's metadata (as in
         easyroutine) unless they are library keys; loading returns the kind of object saved (tensor, dict, cache).
-        ``statistics=True`` also stores per-key statistics over real slots (``QueryResult.statistics``)."""
+        ``statistics=True`` also stores per-key statistics over real slots (``QueryResult.statistics``).
+        ``metadata["provenance"]`` records what produced the run; ``inputs`` (the batch the activations came from)
+        gives its dataset fingerprint and, with ``self_check="warn"``/``"error"``, the batch the self-check runs
+        on (``"error"``: nothing is written when it fails). See docs/provenance.md."""
         model_name = compat.model_name_of(model)
         model_config = None if isinstance(model, str) or model is None else getattr(model, "model_config", None)
         meta = {
@@ -85,12 +89,17 @@ class ActivationSaver:
             "tag": layout.check_tag(tag),
             "model_config": _model_config_summary(model_config),
         }
+        from ..evidence import for_save
+
+        meta["provenance"], meta["self_check"] = for_save(model, activations, self_check, inputs, extraction_config)
         return self._save_one(activations, model_name, meta, statistics)
 
     def save_cache(self, cache: ActivationCache, other_metadata: Optional[dict] = None,
-                   tag: Optional[str] = None, statistics: bool = False) -> Union[Path, str]:
+                   tag: Optional[str] = None, statistics: bool = False, self_check: str = "off") -> Union[Path, str]:
         """Save a cache whose ``cache["metadata"]`` holds model name, positions, config and interventions
-        (``statistics=True``: with per-key statistics over real slots, see ``QueryResult.statistics``)."""
+        (``statistics=True``: with per-key statistics over real slots, see ``QueryResult.statistics``), with the
+        provenance and self-check ``extract_cache`` recorded; ``self_check="warn"``/``"error"`` also asks that the
+        recorded check passed (``"error"``: nothing is written otherwise)."""
         info = cache.get("metadata") if isinstance(cache, ActivationCache) else None
         if not isinstance(info, dict) or not info.get("model_name"):
             raise MetadataError(
@@ -108,6 +117,9 @@ class ActivationSaver:
             "tag": layout.check_tag(tag),
             "model_config": None,
         }
+        from ..evidence import for_save_cache
+
+        meta["provenance"], meta["self_check"] = for_save_cache(info, self_check)
         return self._save_one(cache, info.get("model_name"), meta, statistics)
 
     def _save_one(self, activations: Any, model_name: Any, meta: dict[str, Any],
@@ -271,12 +283,14 @@ class ActivationLoader:
     def query(self, experiment_name: Optional[str] = None, model_name: Optional[str] = None,
               target_token_positions: Any = None, pivot_positions: Any = None, save_time: Optional[str] = None,
               custom_keys: Optional[dict] = None, extraction_config: Any = None, interventions: Any = None,
-              tag: Optional[str] = None, verbose: bool = False) -> QueryResult:
+              tag: Optional[str] = None, verbose: bool = False, provenance: Optional[dict] = None) -> QueryResult:
         """Runs matching every given criterion (``None`` = any). ``experiment_name="*"`` searches all experiments.
+        ``provenance={...}`` matches ``metadata["provenance"]``: every given (nested) key must be equal.
         ``verbose`` is accepted for easyroutine scripts and has no effect."""
         crit = build_criteria(model_name=model_name, target_token_positions=target_token_positions,
                               pivot_positions=pivot_positions, save_time=save_time, custom_keys=custom_keys,
-                              extraction_config=extraction_config, interventions=interventions, tag=tag)
+                              extraction_config=extraction_config, interventions=interventions, tag=tag,
+                              provenance=provenance)
         exp = experiment_name or self.experiment_name
         scope = None if exp == ALL_EXPERIMENTS else exp
         entries = provided_entries(self.store, scope)  # e.g. the Ray index actor, when a cluster is reachable

@@ -70,6 +70,7 @@ def build_criteria(
     extraction_config: Any = None,
     interventions: Any = None,
     tag: str | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Normalise query arguments once; ``None`` means "any"."""
     crit: dict[str, Any] = {}
@@ -89,7 +90,19 @@ def build_criteria(
         crit["interventions"] = normalise(interventions, "interventions")
     if tag is not None:
         crit["tag"] = tag
+    if provenance is not None:
+        if not isinstance(provenance, dict):
+            raise MetadataError(f"provenance={provenance!r} must be a dict of provenance fields, e.g. "
+                                "{'model_fingerprint': 'sha256:...'}.")
+        crit["provenance"] = normalise(provenance, "provenance")
     return crit
+
+
+def nested_match(have: Any, want: Any) -> bool:
+    """Every key of ``want`` (recursively, for dict values) is in ``have`` with an equal value."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(k in have and nested_match(have[k], v) for k, v in want.items())
+    return have == want
 
 
 def matches(entry: dict[str, Any], crit: dict[str, Any]) -> bool:
@@ -108,6 +121,9 @@ def matches(entry: dict[str, Any], crit: dict[str, Any]) -> bool:
                 return False
         elif key == "interventions":
             if (entry.get("interventions") or []) != (want or []):
+                return False
+        elif key == "provenance":
+            if not nested_match(entry.get("provenance"), want):
                 return False
         elif entry.get(key) != want:
             return False
@@ -133,7 +149,7 @@ def compile_criteria(crit: dict[str, Any]):
     """A fast predicate equivalent to ``matches(entry, crit)``, for filtering many entries."""
     checks = []
     for key, want in crit.items():
-        if key in ("save_time", "interventions"):
+        if key in ("save_time", "interventions", "provenance"):
             checks.append(lambda e, k=key, w=want: matches(e, {k: w}))
         elif key == "custom_keys":
             checks.append(_sub_check("other_metadata", list(want.items())))
