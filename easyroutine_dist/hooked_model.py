@@ -50,10 +50,14 @@ class HookedModel:
                         attn_implementation: str | None = None, **hf_kwargs: Any) -> "HookedModel":
         """Load a supported causal LM from a local folder or hub id; extra kwargs (e.g. ``gguf_file``,
         ``max_memory``, ``offload_folder``) pass through to transformers. The architecture is checked from the
-        config before any weight is loaded."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        config before any weight is loaded. ``"smollm2"`` loads the embedded SmolLM2-135M-Instruct (GGUF); an
+        unknown name raises ConfigError in seconds (``easyroutine_dist.models.load_config``)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(name_or_path, **source_kwargs(hf_kwargs))
+        from .models import load_config, resolve_model
+
+        name_or_path, hf_kwargs = resolve_model(str(name_or_path), hf_kwargs)  # "smollm2" -> GGUF folder + file
+        config = load_config(name_or_path, hf_kwargs)
         spec_for(config)
         kwargs = dict(hf_kwargs)
         if device_map is not None:

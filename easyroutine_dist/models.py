@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+import re
+import socket
+from typing import Any, Optional
 
 from .errors import ConfigError
 
@@ -39,3 +41,60 @@ def source_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The loading kwargs that say *which files* to read (``gguf_file``, ``revision``, ``trust_remote_code``):
     what the config and tokenizer loaders need besides the model loader."""
     return {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _hub_reachable(timeout: float = 3.0) -> Optional[str]:
+    """None when the hub's host answers a TCP connection within ``timeout`` seconds, else why not (one line)."""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{endpoint} cannot be reached ({exc.strerror or exc})"
+    return None
+
+
+def load_config(name_or_path: str, model_kwargs: dict[str, Any] | None = None) -> Any:
+    """The HF config of a model: a local folder, a hub id in the local cache, or a hub id fetched when the hub is
+    reachable. Any other name raises ConfigError in seconds (no retry loop against an unreachable hub)."""
+    from transformers import AutoConfig
+
+    kwargs = source_kwargs(dict(model_kwargs or {}))
+    name = str(name_or_path)
+    hint = ("pass a folder saved with save_pretrained, a hub id (org/name), or 'smollm2' for the embedded "
+            "SmolLM2-135M-Instruct")
+    if os.path.isdir(name):
+        try:
+            return AutoConfig.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"unknown model {name!r}: the folder holds no loadable config ({_first_line(exc)}); {hint}.") from None
+    if os.path.exists(name) or name.startswith((".", "/", "~")):
+        raise ConfigError(f"unknown model {name!r}: no such folder; {hint}.")
+    if not _HUB_ID_RE.match(name):
+        raise ConfigError(f"unknown model {name!r}: neither a folder nor a valid hub id (org/name); {hint}.")
+    try:
+        return AutoConfig.from_pretrained(name, **{**kwargs, "local_files_only": True})
+    except (OSError, ValueError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        raise ConfigError(f"unknown model {name!r}: not a local folder nor in the hub cache, and HF_HUB_OFFLINE is set; "
+                          f"download it first (unset HF_HUB_OFFLINE) or {hint}.")
+    unreachable = _hub_reachable()
+    if unreachable:
+        raise ConfigError(f"unknown model {name!r}: not a local folder nor in the hub cache, and {unreachable}; {hint}.")
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"unknown model {name!r}: not found on the hub ({_first_line(exc)}); {hint}.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

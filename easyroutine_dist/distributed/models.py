@@ -66,16 +66,10 @@ def resolve_model_source(model_name: Any, model_kwargs: Optional[dict[str, Any]]
     if _FACTORY_RE.match(name) and not os.path.exists(name):
         _import_factory(name)
         return ModelSource("factory", name, kwargs)
-    from transformers import AutoConfig
-
     from ..architectures import spec_for
+    from ..models import load_config
 
-    cfg_kwargs = source_kwargs(kwargs)
-    try:
-        config = AutoConfig.from_pretrained(name, **cfg_kwargs)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"unknown model {name!r}: no config found as a local folder or in the hub cache ({exc}). "
-                          "Pass an existing folder saved with save_pretrained, a cached hub id, or a factory.") from None
+    config = load_config(name, source_kwargs(kwargs))  # ConfigError in seconds for an unknown model
     spec_for(config)  # refuses unsupported architectures before any worker loads weights
     return ModelSource("pretrained", name, kwargs)
 
