@@ -12,7 +12,7 @@ from ...errors import ConfigError
 from ...lens import LogitLens, final_norm, match_keys
 
 __all__ = ["LogitLens", "final_norm", "lens_table", "lens_topk_grid", "match_keys", "plot_lens_heatmap",
-           "stored_topk_grid"]
+           "stored_topk_grid", "visible_token"]
 
 Grid = tuple[list[str], torch.Tensor, torch.Tensor]
 
@@ -20,6 +20,26 @@ Grid = tuple[list[str], torch.Tensor, torch.Tensor]
 def _layer_of(key: str) -> int:
     nums = re.findall(r"\d+", key)
     return int(nums[0]) if nums else -1
+
+
+_ESCAPES = {" ": "\u2423", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def visible_token(token: str, limit: int = 10) -> str:
+    """A token as a heatmap cell shows it: spaces as ``␣``, newlines/tabs as ``\\n``/``\\t``, other invisible
+    characters as ``\\uXXXX`` escapes, the empty string as ``∅``; at most ``limit`` characters (``…`` after)."""
+    import unicodedata
+
+    out = []
+    for ch in token:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cn"):
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    text = "".join(out) or "\u2205"
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -121,11 +141,12 @@ def plot_lens_heatmap(lens: Optional[LogitLens], activations: Any, path: str | P
     im = ax.imshow(top_p, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
     for i in range(n_keys):
         for j in range(n_pos):
-            tok = _decode(tokenizer, [int(ids[i, j, 0])])[0].replace("\n", "\\n")[:10]
+            tok = visible_token(_decode(tokenizer, [int(ids[i, j, 0])])[0])
             ax.text(j, i, tok, ha="center", va="center", fontsize=7,
                     color="black" if top_p[i, j] > 0.6 else "white")
     ax.set_yticks(range(n_keys), keys, fontsize=7)
-    ax.set_xticks(range(n_pos), list(position_labels) if position_labels is not None else range(n_pos),
+    labels = [visible_token(str(x), 16) for x in position_labels] if position_labels is not None else range(n_pos)
+    ax.set_xticks(range(n_pos), labels,
                   fontsize=7, rotation=45)
     ax.set_xlabel("position")
     ax.set_ylabel("activation")
