@@ -15,8 +15,9 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
    (seeded from ``(seed, epoch, g)``) and yields batches of ``batch_size`` (the reader's last batch may be smaller).
 
 Memory per reader: about ``prefetch + 1`` parts' requested tensors plus the buffer, whatever the run's size.
-Call ``set_epoch(n)`` before each epoch (with ``persistent_workers=False``, the DataLoader default, workers get the
-new epoch); the same ``(seed, epoch, world_size, num_workers)`` gives the same batches.
+Call ``set_epoch(n)`` before each epoch: the epoch lives in shared memory, so the DataLoader's workers see it,
+persistent ones included (``persistent_workers=True`` also keeps each worker's S3 client). The same
+``(seed, epoch, world_size, num_workers)`` gives the same batches.
 """
 
 from __future__ import annotations
