@@ -169,5 +169,10 @@ class ModelShape:
         return cls(int(n_layers), int(n_heads), int(n_kv), int(hidden), int(head_dim), int(config.vocab_size),
                    str(config.model_type))
 
+    @property
+    def num_key_value_groups(self) -> int:
+        """Query heads per key/value head (GQA): query head h reads kv head ``h // num_key_value_groups``."""
+        return self.num_attention_heads // self.num_key_value_heads
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -78,6 +78,7 @@ class Gathered:
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(index, valid, row_index, row_valid)`` on ``device`` (copied once per device per batch)."""
+        device = torch.device(device)
         if device not in self._on:
             self._on[device] = tuple(t.to(device, non_blocking=True) for t in
                                      (self.index, self.valid, self.row_index, self.row_valid))

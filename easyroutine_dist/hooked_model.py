@@ -13,6 +13,8 @@ from .architectures import ArchSpec, ModelShape, spec_for
 from .cache import ActivationCache
 from .config import ExtractionConfig
 from .errors import ConfigError
+from .hooked_compat import (DeviceName, EasyroutineMembers, hf_load_kwargs, logit_gradient, rename_avg_patterns,
+                            running_mean)
 from .extraction import (Extractor, Gathered, check_config, example_sums, reduce_patterns, reduce_positions,
                          to_host)
 from .intervention_spec import Intervention
@@ -24,14 +26,26 @@ from .slots import (LAYOUT_KEY, PATTERN_AXES, PATTERN_COL_VALID_KEY, PATTERN_ROW
 logger = logging.getLogger(__name__)
 
 
-class HookedModel:
+class HookedModel(EasyroutineMembers):
     """A HuggingFace causal LM that returns ActivationCaches.
 
     Attributes: ``hf_model``, ``hf_tokenizer``, ``model_name``, ``model_config`` (a ModelShape with
     ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``hidden_size``, ``head_dim``).
+    ``HookedModel(HookedModelConfig(model_name=...))`` loads as easyroutine does (``from_pretrained``).
     """
 
-    def __init__(self, hf_model: torch.nn.Module, hf_tokenizer: Any = None, model_name: str | None = None) -> None:
+    def __init__(self, hf_model: Any, hf_tokenizer: Any = None, model_name: str | None = None) -> None:
+        from .compat import HookedModelConfig
+
+        if isinstance(hf_model, HookedModelConfig):
+            cfg = hf_model
+            loaded = type(self).from_pretrained(cfg.model_name, device_map=cfg.device_map, torch_dtype=cfg.torch_dtype,
+                                                attn_implementation=cfg.attn_implementation,
+                                                batch_size=cfg.batch_size)
+            self.__dict__.update(loaded.__dict__)
+            self.config = cfg
+            return
+        self.batch_size = 1
         self.spec: ArchSpec = spec_for(hf_model.config, hf_model)  # registry, or inferred from the module tree
         self.hf_model = hf_model.eval()
         self.hf_tokenizer = hf_tokenizer
@@ -56,16 +70,15 @@ class HookedModel:
 
         from .models import load_config, resolve_model
 
+        hf_kwargs = dict(hf_kwargs)
+        batch_size = int(hf_kwargs.pop("batch_size", None) or 1)  # easyroutine's keywords
+        torch_dtype = hf_kwargs.pop("torch_dtype", None)
+        dtype = torch_dtype if dtype is None else dtype
         name_or_path, hf_kwargs = resolve_model(str(name_or_path), hf_kwargs)  # "smollm2" -> GGUF folder + file
         config = load_config(name_or_path, hf_kwargs)
         spec_for(config)
-        kwargs = dict(hf_kwargs)
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        if dtype is not None:
-            kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-        if attn_implementation is not None:
-            kwargs["attn_implementation"] = attn_implementation
+        kwargs = hf_load_kwargs(device_map=device_map, dtype=dtype, attn_implementation=attn_implementation,
+                                **hf_kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **source_kwargs(hf_kwargs))
@@ -77,6 +90,7 @@ class HookedModel:
         gguf = hf_kwargs.get("gguf_file")
         name = str(gguf).rsplit(".gguf", 1)[0] if gguf else str(name_or_path)
         hooked = cls(model, tokenizer, model_name=name)
+        hooked.batch_size = batch_size
         from .provenance import model_fingerprint
 
         hooked.load_fingerprint = model_fingerprint(name_or_path, hf_kwargs, config)  # provenance: which files
@@ -93,14 +107,15 @@ class HookedModel:
         return self.hf_model.get_submodule(self.spec.final_norm)
 
     @property
-    def device(self) -> torch.device:
-        """Where inputs go: the device of the input embedding (CPU when it is offloaded)."""
+    def device(self) -> DeviceName:
+        """Where inputs go: the device of the input embedding (CPU when it is offloaded). A device name torch
+        accepts (``t.to(model.device)``); ``model.device()`` returns it as a ``torch.device`` (easyroutine)."""
         device_map = getattr(self.hf_model, "hf_device_map", None)
         if device_map:
             for path, dev in device_map.items():
                 if self.spec.embed.startswith(path) or path == "":
-                    return torch.device("cpu" if dev in ("cpu", "disk") else dev if isinstance(dev, str) else f"cuda:{dev}")
-        return self.hf_model.get_input_embeddings().weight.device
+                    return DeviceName("cpu" if dev in ("cpu", "disk") else dev if isinstance(dev, str) else f"cuda:{dev}")
+        return DeviceName(self.hf_model.get_input_embeddings().weight.device)
 
     # ------------------------------------------------------------------ interventions
     def register_interventions(self, interventions: list[Intervention]) -> None:
@@ -186,7 +201,7 @@ class HookedModel:
                 extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
                 external_cache: ActivationCache | None = None, batch_idx: int | None = None,
                 move_to_cpu: bool = False, vocabulary_index: Any = None, *, position_seed: int = 0,
-                row_offset: int = 0) -> ActivationCache:
+                row_offset: int = 0, dict_token_index: Any = None) -> ActivationCache:
         """Run the model on ``inputs`` (``input_ids``/``attention_mask`` ``[batch, seq]``) and extract.
 
         Every activation is ``[batch, P, ...]`` where P is the target positions of all requested groups
@@ -195,6 +210,11 @@ class HookedModel:
         ``cache["valid_mask"]`` ``[batch, P]`` is False on the padded slots of variable-width groups (zeros), and
         ``cache["slot_layout"]`` says where each group lives so caches concatenate exactly (see ``slots``).
         Random specs draw from ``position_seed`` and each row's dataset index ``row_offset + r``.
+        ``vocabulary_index`` (a token id, or one per row; needs ``extract_embed`` and ``keep_gradient``) adds
+        ``input_embeddings_gradients`` ``[batch, P, d]``: the gradient of that token's logit at each row's last real
+        token with respect to the input embeddings (easyroutine's meaning). With ``avg_over_example`` patterns are
+        stored as ``avg_pattern_L{l}H{h}``; with an ``external_cache`` and ``batch_idx`` they are a running mean over
+        batches. ``dict_token_index`` is accepted for easyroutine scripts and unused (docs/compat.md).
         """
         cfg = extraction_config
         sites = check_config(cfg, self.spec, self.model_config)
@@ -226,19 +246,20 @@ class HookedModel:
 
                 register_intervention_hooks(stack, self, all_interventions, mask, pivot_positions)
             extractor.register(stack)
-            keep = self._logits_to_keep(gathered, cfg.save_logits)
+            keep = {} if vocabulary_index is not None else self._logits_to_keep(gathered, cfg.save_logits)
             output = self.hf_model(input_ids=ids, attention_mask=mask_d, position_ids=position_ids, use_cache=False,
                                    **keep)
         out: dict[str, Any] = extractor.out
         if "input_embeddings" in out and cfg.keep_gradient and out["input_embeddings"].requires_grad:
             out["input_embeddings"].retain_grad()
+        if vocabulary_index is not None:
+            out["input_embeddings_gradients"] = logit_gradient(out.get("input_embeddings"), output.logits, mask_d,
+                                                               vocabulary_index)
         if cfg.save_logits:
             if keep:  # the model computed only the target positions' logits: [batch, P, vocab]
                 logits = Gathered.zero_padding(output.logits, gathered.on(output.logits.device)[1], gathered.all_valid)
             else:
                 logits = gathered.take(output.logits)
-            if vocabulary_index is not None:
-                logits = logits[..., torch.as_tensor(vocabulary_index, device=logits.device)]
             out["logits"] = logits if cfg.keep_gradient else logits.detach()
         if cfg.save_input_ids:
             out["input_ids"] = gathered.take(ids)
@@ -251,9 +272,13 @@ class HookedModel:
         row_abs = rows.index - mask.argmax(-1)[:, None]
         reduce_patterns(out, cfg, rows.mapping_index, resolved.mapping_index, row_abs, rows.valid, resolved.valid)
         reduce_positions(out, cfg, layout, masks)
+        result = {k: out[k] for k in keys + [k for k in ("input_embeddings_gradients", "logits", "input_ids") if k in out]}
+        if cfg.avg_over_example:
+            result = rename_avg_patterns(result, layout)
         cache = external_cache if external_cache is not None else ActivationCache()
-        for key in keys + [k for k in ("logits", "input_ids") if k in out]:
-            cache[key] = out[key]
+        for key, value in result.items():
+            old = cache.get(key) if external_cache is not None and batch_idx and cfg.avg_over_example else None
+            cache[key] = value if old is None else running_mean(old, value, int(batch_idx))
         for key, m in masks.items():
             cache[key] = m  # built on the host
         cache["mapping_index"] = mapping_of(layout.axes[POS])
@@ -288,12 +313,15 @@ class HookedModel:
                       extraction_config: ExtractionConfig = ExtractionConfig(), interventions: list | None = None,
                       batch_saver: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda batch: None,
                       move_to_cpu_after_forward: bool = True, *, position_seed: int = 0, row_offset: int = 0,
-                      self_check: str = "off", **forward_kwargs: Any) -> ActivationCache:
+                      self_check: str = "off", register_aggregation: tuple[str, Callable[[Any, Any], Any]] | None = None,
+                      **forward_kwargs: Any) -> ActivationCache:
         """Forward every batch of ``dataloader`` (any iterable, generators included) and concatenate the caches
         along the batch axis in linear time, in one slot layout. Each batch may carry ``pivot_positions``;
         ``batch_saver(batch)`` returns extra per-batch fields to keep. ``row_offset`` is the dataset index of the
         first row (random position specs draw per dataset row, see ``positions``). With ``avg_over_example`` the
-        result is ``[1, ...]``: the mean over every row of every batch that is real at each slot.
+        result is ``[1, ...]``: the mean over every row of every batch that is real at each slot (patterns as
+        ``avg_pattern_L{l}H{h}``). A batch's ``vocabulary_index`` asks for ``input_embeddings_gradients`` (see
+        ``forward``); ``register_aggregation=(prefix, fn)`` registers ``fn(old, new)`` on the result cache.
         Adds ``cache["metadata"]``, with ``provenance`` and, unless ``self_check="off"``, the self-check of the
         first batch (``"error"`` raises SelfCheckError before that batch runs when it fails; docs/provenance.md)."""
         from .selfcheck import watch
@@ -313,7 +341,8 @@ class HookedModel:
             cache = self.forward(inputs, target_token_positions, pivot_positions=pivots,
                                  extraction_config=per_batch_cfg, interventions=interventions,
                                  move_to_cpu=move_to_cpu_after_forward, position_seed=position_seed,
-                                 row_offset=row_offset + n_rows, **forward_kwargs)
+                                 row_offset=row_offset + n_rows, vocabulary_index=batch.get("vocabulary_index")
+                                 if hasattr(batch, "get") else None, **forward_kwargs)
             ids = torch.as_tensor(inputs["input_ids"])
             n_rows += int(ids.shape[0]) if ids.dim() > 1 else 1
             n_batches += 1
@@ -327,7 +356,14 @@ class HookedModel:
             parts.append(cache)
         if not n_batches:
             raise ConfigError("extract_cache got an empty dataloader; pass at least one batch.")
-        out = mean.result() if mean is not None else ActivationCache.concat(parts)
+        if mean is not None:
+            out = mean.result()
+        else:
+            out = ActivationCache()
+            if register_aggregation is not None:
+                out.register_aggregation(*register_aggregation)
+            for part in parts:
+                out.cat(part)
         out["metadata"] = {
             "model_name": self.model_name,
             "model_config": self.model_config.to_dict(),
@@ -404,15 +440,16 @@ class _ExampleMean:
 
     def result(self) -> ActivationCache:
         out = ActivationCache()
-        for key, (total, count) in self.sums.items():
+        assert self.layout is not None
+        for new, key in rename_avg_patterns({k: k for k in self.sums}, self.layout).items():
+            total, count = self.sums[key]
             dtype = self.dtypes[key]
             if dtype == torch.bool:
-                out[key] = total > 0
+                out[new] = total > 0
             else:
-                out[key] = (total / count.clamp(min=1)).to(dtype)
+                out[new] = (total / count.clamp(min=1)).to(dtype)
         for k, v in self.info.items():
             out[k] = v
-        assert self.layout is not None
         out[LAYOUT_KEY] = self.layout.to_json()
         out["mapping_index"] = mapping_of(self.layout.axes[POS])
         for key, (first, layout) in self.firsts.items():

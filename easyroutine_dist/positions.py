@@ -20,7 +20,8 @@ Specs (one list, groups concatenated in request order on the position axis ``P``
 * ``(start, end)`` tuple/list, entries int or None: Python slice ``real[start:end]``, so
   ``(a, -k)`` and ``(2, None)`` work (easyroutine used ``range(start, end)``, which breaks both).
 * ``"inputs-partition-K"``: the K-th segment after splitting the row's real tokens at that row's
-  pivots: pivots ``[p1, p2]`` give ``[0, p1)``, ``[p1, p2)``, ``[p2, len)`` (as easyroutine).
+  pivots: pivots ``[p1, p2]`` give ``[0, p1)``, ``[p1, p2)``, ``[p2, len)`` (as easyroutine); without
+  ``pivot_positions`` there is one partition, the whole prompt.
 * ``"random-text"`` / ``"random-text-N"``: N (default 1) distinct random real positions, sorted.
 * ``"random-inputs-partition-K"`` / ``"random-inputs-partition-K-N"``: same within partition K.
 
@@ -221,9 +222,8 @@ def _real_spans(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
 
 def _row_pivots(pivot_positions: Any, lengths: list[int], key: str) -> list[list[int]]:
     """Per-row pivots, validated: strictly increasing ints within ``[0, row length]``."""
-    if pivot_positions is None:
-        raise _fail(key, "partition specs need pivot_positions, but none were given",
-                    "pass pivot_positions=[p1, p2, ...] (all rows) or one list per row")
+    if pivot_positions is None:  # no pivots: one partition, the whole prompt (as easyroutine)
+        return [[] for _ in lengths]
     if isinstance(pivot_positions, torch.Tensor):
         pivot_positions = pivot_positions.tolist()
     if not isinstance(pivot_positions, (list, tuple)):

@@ -322,8 +322,8 @@ def test_malformed_specs(specs: Any, needle: str) -> None:
         ([(3, None)], None, ["(3, None)", "row 0", "zero positions"]),
         ([(2, 1)], None, ["(2, 1)", "row 0", "zero positions"]),
         ([(0, -3)], None, ["(0, -3)", "row 0", "zero positions"]),
-        (["inputs-partition-0"], None, ["inputs-partition-0", "need pivot_positions"]),
-        (["random-inputs-partition-0"], None, ["need pivot_positions"]),
+        (["inputs-partition-1"], None, ["inputs-partition-1", "row 0", "does not exist"]),
+        (["random-inputs-partition-0-4"], None, ["row 0", "only 3"]),
         (["inputs-partition-2"], [1], ["inputs-partition-2", "row 0", "does not exist"]),
         (["inputs-partition-1"], [3], ["inputs-partition-1", "row 0", "zero positions"]),
         (["inputs-partition-0"], [2, 1], ["row 0", "strictly increasing"]),
@@ -377,3 +377,9 @@ def test_bad_masks(mask: Any, needle: str) -> None:
 def test_bad_seed() -> None:
     with pytest.raises(PositionError, match="seed"):
         resolve_positions(["random-text"], torch.ones(1, 3), seed=1.5)  # type: ignore[arg-type]
+
+
+def test_partition_without_pivots_is_the_whole_prompt() -> None:
+    """easyroutine: with no pivot_positions, "inputs-partition-0" is every real token of the row."""
+    res = resolve_positions(["inputs-partition-0"], make_mask([3, 5], "left", extra=1))
+    assert res.token_dict["inputs-partition-0"] == [[0, 1, 2], [0, 1, 2, 3, 4]]
