@@ -57,14 +57,14 @@ def test_chunked_accumulation_matches_one_pass(monkeypatch):
     _check(chunked, x)
 
 
+CONFIG = ExtractionConfig(extract_resid_out=True, extract_attn_pattern=True, save_logits=True, save_input_ids=True)
+
+
 @pytest.fixture(scope="module")
 def cache():
     """A cache with a variable-width group ("all": padded per batch) and a fixed one, plus attention patterns."""
-    model = hooked("llama")
-    cfg = ExtractionConfig(extract_resid_out=True, extract_attn_pattern=True, save_logits=True,
-                           save_input_ids=True)
-    return model.extract_cache(tokenize_batches(char_tokenizer(), prompts(9), 4), ["all", "last"],
-                               extraction_config=cfg)
+    return hooked("llama").extract_cache(tokenize_batches(char_tokenizer(), prompts(9), 4), ["all", "last"],
+                                         extraction_config=CONFIG)
 
 
 def test_cache_statistics_count_real_slots_only(cache):
@@ -101,7 +101,7 @@ def test_merge_statistics_of_two_caches_equals_their_concatenation(cache):
 
     model = hooked("llama")
     other = model.extract_cache(tokenize_batches(char_tokenizer(), prompts(5, seed=3), 5), ["all", "last"],
-                                extraction_config=ExtractionConfig(extract_resid_out=True))
+                                extraction_config=CONFIG)
     merged = merge_statistics(cache_statistics(cache), cache_statistics(other))
     both = ActivationCache.concat([cache, other])  # one layout: each real slot keeps its value
     _check(merged["resid_out_1"][1].summary(), both["resid_out_1"][both["valid_mask"]])
