@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -16,6 +17,18 @@ from .query import build_criteria, compile_criteria, jsonable, normalise
 from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
 
 ALL_EXPERIMENTS = "*"
+_LOG = logging.getLogger(__name__)
+
+
+def _valid_entries(entries: list[Any], source: str) -> list[dict[str, Any]]:
+    """``entries`` whose names are safe path parts; others are skipped with a WARNING (never used as paths)."""
+    out = []
+    for e in entries:
+        try:
+            out.append(layout.check_entry(e))
+        except MetadataError as exc:
+            _LOG.warning("query: skipping an entry from %s: %s", source, exc)
+    return out
 
 
 def _model_config_summary(cfg: Any) -> Any:
@@ -294,7 +307,9 @@ class ActivationLoader:
         exp = experiment_name or self.experiment_name
         scope = None if exp == ALL_EXPERIMENTS else exp
         entries = provided_entries(self.store, scope)  # e.g. the Ray index actor, when a cluster is reachable
-        if entries is None:
+        if entries is not None:
+            entries = _valid_entries(entries, "a query provider")
+        else:
             entries = self._indexed(scope, crit)
         pred = compile_criteria(crit)
         return QueryResult(self.store, self.catalog, [e for e in entries if pred(e)])

@@ -7,19 +7,27 @@
   compacted snapshot ``_catalog/_snapshots/<experiment>.json``; the snapshot is only a cache of contents (a stale or
   missing one costs time, never correctness).
 * ``rebuild()`` rescans every run marker and rewrites the entries: the catalog is always derivable from the runs.
+  It never removes the entry of a run whose marker exists (a run committed while it scanned included).
+* Nothing read back is trusted as a path: an entry (or snapshot entry) whose experiment, run id or model name is
+  not a valid name, or does not match where it was found, is skipped with a WARNING naming the file.
+* A read error is never taken for "no such run": reads are retried (:func:`.fs.retrying`); an entry that still
+  cannot be read is rebuilt from its run marker, and when that fails too the query raises StorageError.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
-from ..errors import StorageError
+from ..errors import MetadataError, StorageError
 from . import layout
-from .fs import Store, list_names, read_bytes, remove, write_bytes
+from .fs import ObjectNotFoundError, Store, exists, list_names, read_bytes, remove, retrying, write_bytes
+
+_LOG = logging.getLogger(__name__)
 
 #: entries read one by one in a refresh beyond which a new snapshot is written
 COMPACT_AFTER = 64
@@ -39,6 +47,8 @@ class Catalog:
         self._listing: dict[str, tuple[list[str], list[dict[str, Any]], int | None, int]] = {}
         # experiment -> (the sorted entry list it was built from, {(field, subkey): {json value: entries}})
         self._index: dict[str, tuple[list[dict[str, Any]], dict[tuple[str, str | None], dict[str, list]]]] = {}
+        self._warned: set[str] = set()  # files already warned about (one WARNING per file and cause)
+        self._warn_lock = threading.Lock()
 
     # ------------------------------------------------------------------ paths
     def _dir(self, experiment: str) -> str:
@@ -49,9 +59,18 @@ class Catalog:
 
     # ------------------------------------------------------------------ API
     def experiments(self) -> list[str]:
-        """Experiments that have catalog entries."""
-        names = list_names(self.store, self.store.path(layout.CATALOG_DIR))
-        return sorted(n for n in names if not n.startswith("_") and not n.startswith("."))
+        """Experiments that have catalog entries (directories whose name is not a valid experiment are skipped)."""
+        names = retrying(lambda: list_names(self.store, self.store.path(layout.CATALOG_DIR)), "listing the catalog")
+        out = []
+        for n in sorted(names):
+            if n.startswith("_") or n.startswith("."):
+                continue
+            try:
+                out.append(layout.check_experiment(n))
+            except MetadataError:
+                _LOG.warning("catalog: skipping %s: not a valid experiment name",
+                             self.store.url(self.store.path(layout.CATALOG_DIR, n)))
+        return out
 
     def add(self, entry: dict[str, Any]) -> None:
         """Register a committed run (idempotent: the entry is named by its run id)."""
@@ -65,6 +84,8 @@ class Catalog:
 
     def discard(self, experiment: str, run_id: str) -> None:
         """Drop a run's entry (used when a run is removed or moved)."""
+        layout.check_experiment(experiment)
+        layout.check_run_id(run_id)
         remove(self.store, self.store.path(layout.CATALOG_DIR, experiment, f"{run_id}.json"))
         with self._lock:
             self._cache.get(experiment, {}).pop(f"{run_id}.json", None)
@@ -107,35 +128,141 @@ class Catalog:
         return sorted(found, key=_order) if len(found) > 1 else list(found)
 
     def rebuild(self) -> int:
-        """Rescan every run marker in storage and rewrite the catalog from them; returns the number of runs."""
-        from .runs import read_manifest  # local import: runs imports catalog
+        """Rescan every run marker in storage and rewrite the catalog from them; returns the number of runs indexed.
 
-        pattern = self.store.path("*", "*", "*", layout.RUN_MARKER)
-        try:
-            markers = sorted(self.store.fs.glob(pattern))
-        except OSError as exc:
-            raise StorageError(f"cannot scan {self.store.url(self.store.root)}: {exc}") from exc
+        Safe beside concurrent commits and removals: an entry is removed only when its run has no marker when the
+        entry is looked at (a run committed after the scan keeps the entry its commit wrote), and an entry written
+        for a run removed meanwhile is taken back. A marker that cannot be read keeps its entry (WARNING); one
+        whose names are invalid or do not match its directory is skipped (WARNING).
+        """
+        markers = self._glob(self.store.path("*", "*", "*", layout.RUN_MARKER))
         found: dict[str, set[str]] = {}
+        n = 0
+        root = self.store.root.rstrip("/")
         for m in markers:
-            rel = m[len(self.store.root.rstrip("/")) + 1:] if m.startswith(self.store.root.rstrip("/")) else m
-            if rel.startswith("_"):
+            rel = m[len(root) + 1:] if m.startswith(root + "/") else m
+            parts = rel.split("/")
+            if rel.startswith("_") or len(parts) != 4:
                 continue
-            manifest = read_manifest(self.store, m.rsplit("/", 1)[0])  # the marker only, no part record
-            entry = entry_from_metadata(manifest["metadata"], manifest)
+            exp, slug, run_id = parts[:3]
+            try:
+                layout.check_experiment(exp)
+                layout.check_run_id(run_id)
+                entry = self._marker_entry(exp, slug, run_id)
+            except ObjectNotFoundError:
+                continue  # removed since the scan
+            except MetadataError as exc:
+                _LOG.warning("catalog rebuild: skipping the run marker %s: %s", self.store.url(m), exc)
+                continue
+            except StorageError as exc:
+                _LOG.warning("catalog rebuild: cannot read the run marker %s (%s); its catalog entry is kept",
+                             self.store.url(m), exc)
+                found.setdefault(exp, set()).add(f"{run_id}.json")
+                continue
             self.add(entry)
-            found.setdefault(entry["experiment_name"], set()).add(f"{entry['run_id']}.json")
+            if not exists(self.store, m):  # removed while this rebuild ran (remove_run drops the entry first)
+                self.discard(exp, run_id)
+                continue
+            found.setdefault(exp, set()).add(f"{run_id}.json")
+            n += 1
         for exp in self.experiments():
             for name in list_names(self.store, self._dir(exp)):
-                if name.endswith(".json") and name not in found.get(exp, set()):
-                    remove(self.store, self.store.path(layout.CATALOG_DIR, exp, name))
+                if not name.endswith(".json") or name in found.get(exp, set()):
+                    continue
+                run_id = name[: -len(".json")]
+                try:
+                    if self._marker_paths(exp, layout.check_run_id(run_id)):
+                        continue  # committed after the scan: its commit wrote this entry
+                except MetadataError:
+                    pass  # not a run id: not an entry this package writes
+                remove(self.store, self.store.path(layout.CATALOG_DIR, exp, name))
         remove(self.store, self.store.path(layout.CATALOG_DIR, layout.SNAPSHOT_DIR), recursive=True)
         with self._lock:
             self._cache.clear()
             self._snap_loaded.clear()
             self._listing.clear()
-        return len(markers)
+        return n
 
     # ------------------------------------------------------------------ internals
+    def _glob(self, pattern: str) -> list[str]:
+        def scan() -> list[str]:
+            try:
+                return sorted(self.store.fs.glob(pattern))
+            except FileNotFoundError:
+                return []
+            except OSError as exc:
+                raise StorageError(f"cannot scan {self.store.url(pattern)}: {exc}") from exc
+
+        return retrying(scan, f"scanning {self.store.url(pattern)}")
+
+    def _marker_paths(self, exp: str, run_id: str) -> list[str]:
+        """The run markers of run ``run_id`` in experiment ``exp`` (one, or none when it is not committed)."""
+        return self._glob(self.store.path(exp, "*", run_id, layout.RUN_MARKER))
+
+    def _marker_entry(self, exp: str, slug: str, run_id: str) -> dict[str, Any]:
+        """The entry of a run, from its marker; MetadataError when its names do not match its directory."""
+        from .runs import read_manifest  # local import: runs imports catalog
+
+        rdir = self.store.path(exp, slug, run_id)
+        manifest = retrying(lambda: read_manifest(self.store, rdir), f"reading {self.store.url(rdir)}/_SUCCESS")
+        entry = entry_from_metadata(manifest["metadata"], manifest)
+        problem = _entry_problem(entry, exp, run_id, slug)
+        if problem:
+            raise MetadataError(problem)
+        return entry
+
+    def _read_entry(self, exp: str, name: str) -> Optional[dict[str, Any]]:
+        """One entry file, validated; None when it is gone or is not a valid entry (WARNING naming the file).
+
+        A read that keeps failing falls back to the run marker; StorageError when that cannot be read either.
+        """
+        path = self.store.path(layout.CATALOG_DIR, exp, name)
+        where = self.store.url(path)
+        run_id = name[: -len(".json")]
+        try:
+            layout.check_run_id(run_id)
+        except MetadataError:
+            self._warn(where, "catalog: skipping %s: its name is not '<run id>.json'", where)
+            return None
+        try:
+            raw = retrying(lambda: read_bytes(self.store, path), f"reading {where}")
+            entry = json.loads(raw)
+        except ObjectNotFoundError:
+            return None  # removed between listing and reading
+        except (StorageError, ValueError) as exc:
+            return self._fallback(exp, run_id, where, exc)
+        problem = _entry_problem(entry, exp, run_id)
+        if problem:
+            self._warn(where + problem, "catalog: skipping %s: %s", where, problem)
+            return None
+        return entry
+
+    def _warn(self, key: str, msg: str, *args: Any) -> None:
+        with self._warn_lock:  # (not self._lock: snapshots are read while it is held)
+            first = key not in self._warned
+            self._warned.add(key)
+        (_LOG.warning if first else _LOG.debug)(msg, *args)
+
+    def _fallback(self, exp: str, run_id: str, where: str, exc: Exception) -> Optional[dict[str, Any]]:
+        """The entry of a run whose catalog entry cannot be read, from its run marker."""
+        try:
+            markers = self._marker_paths(exp, run_id)
+            if len(markers) == 1:
+                slug = markers[0].rsplit("/", 3)[-3]
+                entry = self._marker_entry(exp, slug, run_id)
+                _LOG.warning("catalog entry %s cannot be read (%s); using its run marker", where, exc)
+                return entry
+        except (StorageError, MetadataError) as marker_exc:
+            raise StorageError(f"catalog entry {where} cannot be read ({exc}), nor can its run marker "
+                               f"({marker_exc}); the query would miss run {run_id}. Retry, or check the storage "
+                               "(ActivationLoader.rebuild_catalog() rewrites the catalog).") from None
+        if markers:
+            raise StorageError(f"catalog entry {where} cannot be read ({exc}) and run {run_id} has several markers "
+                               f"{markers}; the storage is damaged.")
+        _LOG.warning("catalog: skipping %s: it cannot be read (%s) and run %s has no run marker (not committed, "
+                     "or removed)", where, exc, run_id)
+        return None
+
     def _dir_mtime(self, exp: str) -> int | None:
         if not self.store.is_local:
             return None
@@ -154,7 +281,7 @@ class Catalog:
             if last is not None and mtime is not None and last[2] == mtime and last[3] - mtime > MTIME_MARGIN_NS:
                 return last[1]
         listed_at = time.time_ns()
-        names = list_names(self.store, self._dir(exp))
+        names = retrying(lambda: list_names(self.store, self._dir(exp)), f"listing {self.store.url(self._dir(exp))}")
         with self._lock:
             if last is not None and last[0] == names:
                 self._listing[exp] = (names, last[1], mtime, listed_at)
@@ -169,14 +296,17 @@ class Catalog:
                     cache.setdefault(name, entry)
                 missing = [n for n in wanted if n not in cache]
         fresh: dict[str, dict[str, Any]] = {}
+        skipped: set[str] = set()  # removed since the listing, or not a valid entry (warned)
         for name in missing:
-            try:
-                fresh[name] = json.loads(read_bytes(self.store, self.store.path(layout.CATALOG_DIR, exp, name)))
-            except StorageError:
-                continue  # removed between listing and reading
-            except ValueError:
-                continue  # entries are written whole; an unreadable foreign file is not a run
+            entry = self._read_entry(exp, name)  # retries; raises rather than drop a run it cannot read
+            if entry is None:
+                skipped.add(name)
+            else:
+                fresh[name] = entry
         with self._lock:
+            if skipped:
+                wanted = [n for n in wanted if n not in skipped]
+                missing = [n for n in missing if n not in skipped]
             cache.update(fresh)
             prev = last[1] if last is not None else None
             # every listed name known and nothing else cached => the listing is exactly prev + fresh
@@ -209,11 +339,23 @@ class Catalog:
         return current
 
     def _read_snapshot(self, exp: str) -> dict[str, dict[str, Any]]:
+        """The snapshot's entries that are valid (others skipped with a WARNING naming the snapshot)."""
+        path = self._snapshot_path(exp)
         try:
-            data = json.loads(read_bytes(self.store, self._snapshot_path(exp)))
-            return dict(data.get("entries", {}))
-        except (StorageError, ValueError, AttributeError):
+            data = json.loads(read_bytes(self.store, path))
+            entries = dict(data.get("entries", {}))
+        except (StorageError, ValueError, AttributeError, TypeError):
             return {}  # no snapshot (or a damaged one): entries are read individually
+        out = {}
+        for name, entry in entries.items():
+            run_id = name[: -len(".json")] if isinstance(name, str) and name.endswith(".json") else None
+            problem = _entry_problem(entry, exp, run_id) if run_id else f"{name!r} is not '<run id>.json'"
+            if problem:
+                self._warn(f"{path}:{name}:{problem}", "catalog snapshot %s: skipping entry %r: %s",
+                           self.store.url(path), name, problem)
+            else:
+                out[name] = entry
+        return out
 
     def _write_snapshot(self, exp: str, entries: dict[str, dict[str, Any]]) -> None:
         try:
@@ -227,6 +369,22 @@ _UNINDEXABLE = object()
 
 def _order(entry: dict[str, Any]) -> tuple[float, str]:
     return entry.get("saved_at_unix", 0.0), entry["run_id"]
+
+
+def _entry_problem(entry: Any, exp: str, run_id: Optional[str], slug: Optional[str] = None) -> Optional[str]:
+    """Why ``entry`` (read back from storage at ``exp``/``run_id``, under model dir ``slug``) cannot be used, or None.
+
+    Its names must pass the checks names pass when written, and match where the entry was found."""
+    try:
+        layout.check_entry(entry)
+    except MetadataError as exc:
+        return str(exc)
+    if entry["experiment_name"] != exp or entry["run_id"] != run_id:
+        return (f"it describes run {entry['run_id']!r} of experiment {entry['experiment_name']!r} but was found as "
+                f"run {run_id!r} of experiment {exp!r}")
+    if slug is not None and layout.model_slug(entry.get("model_name")) != slug:
+        return f"its model {entry.get('model_name')!r} does not match the model directory {slug!r}"
+    return None
 
 
 def _ikey(value: Any) -> Any:

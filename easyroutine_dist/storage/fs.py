@@ -6,16 +6,30 @@ package ever writes them to storage.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 
 from ..errors import StorageError
+
+_LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
+#: attempts of a read that failed for another reason than "not found" (a 503, a reset connection), and the first
+#: back-off between them (doubled each time): 4 attempts wait 0.05 + 0.1 + 0.2 s at most
+READ_ATTEMPTS = 4
+RETRY_DELAY_S = 0.05
+
+
+class ObjectNotFoundError(StorageError):
+    """The object does not exist (as opposed to a read that failed: see :func:`retrying`)."""
+
 
 _MEMORY_LOCK = threading.Lock()  # memory:// is one process; a lock makes its exclusive create exact
 
@@ -28,7 +42,8 @@ class Store:
     root: str
     protocol: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: local disk only: fsync files before publishing them (survives power loss, not just process crashes)
+    #: local disk only: fsync files before publishing them and their directories after (survives power loss, not
+    #: just process crashes)
     durable: bool = False
 
     @property
@@ -95,17 +110,67 @@ def sync(store: Store, f: Any) -> None:
         os.fsync(f.fileno())
 
 
+def sync_dir(store: Store, directory: str) -> None:
+    """fsync a local directory when the store is durable, so a rename or link into it survives power loss."""
+    if not (store.durable and store.is_local):
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(store: Store, directory: str) -> None:
+    """``os.makedirs(directory, exist_ok=True)``; on a durable store each directory created is made durable in its
+    parent (the parent is fsynced)."""
+    if not store.durable:
+        os.makedirs(directory, exist_ok=True)
+        return
+    missing = []
+    d = os.path.abspath(directory)
+    while not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    os.makedirs(directory, exist_ok=True)
+    for created in reversed(missing):
+        sync_dir(store, os.path.dirname(created))
+
+
+def retrying(fn: Callable[[], _T], what: str, attempts: int | None = None) -> _T:
+    """``fn()``, retried with a short exponential back-off when it raises StorageError for another reason than
+    "not found" (a transient 503, a reset connection). ObjectNotFoundError, and the last failure, propagate."""
+    n = READ_ATTEMPTS if attempts is None else attempts
+    delay = RETRY_DELAY_S
+    for i in range(n):
+        try:
+            return fn()
+        except ObjectNotFoundError:
+            raise
+        except StorageError as exc:
+            if i == n - 1:
+                raise
+            _LOG.debug("%s failed (%s); retrying in %.2f s", what, exc, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
 def write_bytes(store: Store, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing/the old object or the whole new one."""
     try:
         if store.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs(store, os.path.dirname(path))
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     sync(store, f)
                 os.replace(tmp, path)
+                sync_dir(store, os.path.dirname(path))
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -119,18 +184,19 @@ def create_exclusive(store: Store, path: str, data: bytes) -> bool:
     """Create ``path`` with ``data`` only if it does not exist; True when this call created it."""
     try:
         if store.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs(store, os.path.dirname(path))
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 sync(store, f)
             try:
                 os.link(tmp, path)  # atomic and exclusive: whole content or FileExistsError
-                return True
             except FileExistsError:
                 return False
             finally:
                 os.unlink(tmp)
+            sync_dir(store, os.path.dirname(path))  # the new name (and the temp name's removal) reach the disk
+            return True
         if store.protocol == "memory":
             with _MEMORY_LOCK:
                 if store.fs.exists(path):
@@ -160,7 +226,7 @@ def read_bytes(store: Store, path: str, start: int | None = None, end: int | Non
             return store.fs.cat_file(path)
         return store.fs.cat_file(path, start=start, end=end)
     except FileNotFoundError as exc:
-        raise StorageError(f"{store.url(path)} does not exist (removed, or never committed).") from exc
+        raise ObjectNotFoundError(f"{store.url(path)} does not exist (removed, or never committed).") from exc
     except OSError as exc:
         raise StorageError(f"cannot read {store.url(path)}: {exc}") from exc
 

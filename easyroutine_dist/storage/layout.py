@@ -2,7 +2,7 @@
 
 ```
 <root>/<experiment>/<model_slug>/<run_id>/metadata.json            written at begin_run (provenance)
-<root>/<experiment>/<model_slug>/<run_id>/shards/part-00017-0003.safetensors
+<root>/<experiment>/<model_slug>/<run_id>/shards/part-00017-0003-<attempt>.safetensors   (attempt: 16 hex)
 <root>/<experiment>/<model_slug>/<run_id>/records/part-00017.json  partition commit marker
 <root>/<experiment>/<model_slug>/<run_id>/_SUCCESS                 run commit marker (JSON manifest), last
 <root>/_catalog/<experiment>/<run_id>.json                         catalog entry (derived)
@@ -27,6 +27,9 @@ METADATA_FILE = "metadata.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@ -]{0,199}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._+=@-]+$")
 _RUN_ID_RE = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-\d{6}_[0-9a-f]{8}$")
+#: shard file names: ``part-PPPPP-SSSS-<attempt>.safetensors``; runs written before attempts had no ``-<attempt>``
+_SHARD_RE = re.compile(r"^part-(\d{5})-(\d{4})(?:-[0-9a-f]{16})?\.safetensors$")
+_ATTEMPT_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 def check_experiment(name: object) -> str:
@@ -87,8 +90,43 @@ def run_rel(experiment: str, slug: str, run_id: str) -> str:
     return f"{experiment}/{slug}/{run_id}"
 
 
-def shard_name(part_id: int, index: int) -> str:
-    return f"shards/part-{part_id:05d}-{index:04d}.safetensors"
+def new_attempt() -> str:
+    """A fresh attempt token (64 random bits, 16 hex digits): every attempt at a part writes its own shard names."""
+    return secrets.token_hex(8)
+
+
+def shard_name(part_id: int, index: int, attempt: str | None = None) -> str:
+    """``shards/part-PPPPP-SSSS-<attempt>.safetensors`` (``attempt=None``: the fixed name of runs written before
+    attempt tokens existed, which stay readable)."""
+    if attempt is None:
+        return f"shards/part-{part_id:05d}-{index:04d}.safetensors"
+    if not isinstance(attempt, str) or not _ATTEMPT_RE.match(attempt):
+        raise MetadataError(f"attempt token {attempt!r} must be 16 lowercase hex digits (layout.new_attempt()).")
+    return f"shards/part-{part_id:05d}-{index:04d}-{attempt}.safetensors"
+
+
+def check_shard_file(name: object, part_id: int | None = None) -> str:
+    """Return ``name`` if it is a shard file name this layout writes (of part ``part_id`` when given), else raise
+    MetadataError. Shard names read back from part records are used as paths only after this check."""
+    m = _SHARD_RE.match(name) if isinstance(name, str) else None
+    if m is None:
+        raise MetadataError(f"shard file name {name!r} is not allowed: expected 'part-PPPPP-SSSS-<16 hex>.safetensors'"
+                            " (or 'part-PPPPP-SSSS.safetensors'); a name read back from storage is never used as a "
+                            "path unless it matches.")
+    if part_id is not None and int(m.group(1)) != part_id:
+        raise MetadataError(f"shard file {name!r} does not belong to part {part_id}.")
+    return name
+
+
+def check_entry(entry: object) -> dict:
+    """Return a catalog entry / run metadata dict whose names (experiment, run id, model) are all safe path parts,
+    else raise MetadataError naming the field. Every entry read back from storage goes through this."""
+    if not isinstance(entry, dict):
+        raise MetadataError(f"a catalog entry must be a JSON object, got {type(entry).__name__}.")
+    check_experiment(entry.get("experiment_name"))
+    check_run_id(entry.get("run_id"))
+    model_slug(entry.get("model_name"))
+    return entry
 
 
 def record_name(part_id: int) -> str:

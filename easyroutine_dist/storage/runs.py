@@ -3,11 +3,18 @@
 Workers call :meth:`RunWriter.write_part` and :meth:`RunWriter.commit_part` independently; only small JSON records
 travel back to the driver, which calls :meth:`RunWriter.commit_run`. A run is visible only once its ``_SUCCESS``
 marker exists; a part counts only once its record (the part's commit marker) exists.
+
+Exactly once: every attempt at a part writes shards under its own names (``part-PPPPP-SSSS-<attempt>``) and the
+record, created exclusively, names the files it commits. Two attempts at one part (a re-queued partition whose
+first worker still runs, two drivers resuming one run) never write the same file: the first record wins, the
+loser's shards are removed by the loser (or left as orphans that :mod:`.verify` lists), and committed bytes never
+change. Every name read back from storage is validated before it is used as a path (:mod:`.layout`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +26,8 @@ from ..cache import ActivationCache
 from ..errors import ConfigError, MetadataError, StorageError
 from . import layout
 from .catalog import Catalog, entry_from_metadata
-from .fs import Store, create_exclusive, exists, list_names, read_bytes, remove, resolve, write_bytes
+from .fs import (ObjectNotFoundError, Store, create_exclusive, exists, list_names, read_bytes, remove, resolve,
+                 retrying, write_bytes)
 from .query import normalise
 from .shards import DEFAULT_MAX_SHARD_BYTES, plan_shards, read_shard, write_shard
 
@@ -27,6 +35,11 @@ SCHEMA_VERSION = 2
 #: run markers this version reads: 1 embeds every part record, 2 references ``records/part-PPPPP.json`` by part id
 READABLE_SCHEMA_VERSIONS = (1, 2)
 _RECORD_RE = re.compile(r"^part-(\d{5})\.json$")
+_LOG = logging.getLogger(__name__)
+
+
+class PartAlreadyCommittedError(StorageError):
+    """``write_part`` found the part committed (by another attempt): nothing was written; the attempt is done."""
 
 
 def record_part_ids(names: list[str]) -> list[int]:
@@ -133,33 +146,54 @@ class RunWriter:
         return exists(self.store, self._p(run, layout.RUN_MARKER))
 
     def write_part(self, run: RunHandle, part_id: int, data: Any, *, check_committed: bool = True) -> dict[str, Any]:
-        """Write one part's shards (deterministic names); return its JSON record. Not committed yet.
+        """Write one part's shards under names of their own (a fresh attempt token); return its JSON record, which
+        names those files. Not committed yet (:meth:`commit_part`).
 
-        Refuses (StorageError) when the part is already committed, so a retry never overwrites a committed part.
-        ``check_committed=False`` skips that lookup for a run this process just began (one request less on S3).
+        Raises PartAlreadyCommittedError (a StorageError) when the part is already committed: nothing is written.
+        Whether or not that check races with another attempt's commit, no committed file is ever overwritten, since
+        no two attempts share a file name. ``check_committed=False`` skips the lookup (one request less on S3) for
+        a run this process just began.
         """
         layout.check_part_id(part_id)
         tensors, info = as_flat(data)
         if check_committed and exists(self.store, self._p(run, layout.record_name(part_id))):
-            raise StorageError(f"part {part_id} of run {run.run_id} is already committed; it will not be rewritten.")
+            raise PartAlreadyCommittedError(f"part {part_id} of run {run.run_id} is already committed; it will not "
+                                            "be rewritten.")
+        attempt = layout.new_attempt()
         shards = []
         for i, keys in enumerate(plan_shards(tensors, self.max_shard_bytes)):
-            path = self._p(run, layout.shard_name(part_id, i))
+            path = self._p(run, layout.shard_name(part_id, i, attempt))
             shards.append(write_shard(self.store, path, {k: tensors[k] for k in keys}))
         rows = next((int(t.shape[0]) for t in tensors.values() if t.dim() > 0), 0)
-        return {"part_id": part_id, "rows": rows, "keys": list(tensors), "info": info, "shards": shards}
+        return {"part_id": part_id, "rows": rows, "keys": list(tensors), "info": info, "shards": shards,
+                "attempt": attempt}
 
     def commit_part(self, run: RunHandle, record: dict[str, Any]) -> bool:
-        """Write the part's record by exclusive create; False when an identical record was already there."""
-        path = self._p(run, layout.record_name(layout.check_part_id(record["part_id"])))
+        """Create the part's record (exclusive create); True when this call committed the part.
+
+        False when the part was already committed: by this same record (a retried call), or by another attempt,
+        which won. A losing attempt's shards are not referenced by the committed record; they are removed here
+        (best effort: what a crash leaves is listed as orphans by :func:`easyroutine_dist.storage.verify.scan_run`).
+        """
+        part_id = layout.check_part_id(record["part_id"])
+        check_record(record, part_id, f"the record of part {part_id}")
+        path = self._p(run, layout.record_name(part_id))
         body = json.dumps(record, sort_keys=True).encode()
         if create_exclusive(self.store, path, body):
             return True
-        if json.loads(read_bytes(self.store, path)) != json.loads(body):
-            raise StorageError(
-                f"part {record['part_id']} of run {run.run_id} was committed by another attempt with different "
-                "shards; only one attempt of a part may run at a time."
-            )
+        winner = read_record(self.store, self._p(run), part_id)
+        if winner == json.loads(body):
+            return False  # this record was committed by an earlier call
+        keep = {sh["file"] for sh in winner["shards"]}
+        for sh in record["shards"]:
+            if sh["file"] not in keep:
+                try:
+                    remove(self.store, self._p(run, f"shards/{sh['file']}"))
+                except StorageError as exc:  # an orphan, listed by verify.scan_run
+                    _LOG.warning("part %d of run %s: cannot remove the losing attempt's shard %s (%s)", part_id,
+                                 run.run_id, sh["file"], exc)
+        _LOG.info("part %d of run %s was committed by another attempt; this attempt's shards were dropped",
+                  part_id, run.run_id)
         return False
 
     def committed_part_ids(self, run: RunHandle) -> list[int]:
@@ -211,21 +245,38 @@ class RunWriter:
         return run.url
 
 
+def check_record(rec: Any, part_id: int, where: str) -> dict[str, Any]:
+    """Return a part record whose part id is ``part_id`` and whose shard ``file`` names are names this layout
+    writes for that part; else raise StorageError naming ``where``. Shard names are used as paths only after this."""
+    if not isinstance(rec, dict) or rec.get("part_id") != part_id:
+        raise StorageError(f"part record {where} does not describe part {part_id}; the run is damaged.")
+    shards = rec.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(sh, dict) for sh in shards):
+        raise StorageError(f"part record {where} has no list of shards; the run is damaged.")
+    for sh in shards:
+        try:
+            layout.check_shard_file(sh.get("file"), part_id)
+        except MetadataError as exc:
+            raise StorageError(f"part record {where} is refused: {exc}") from None
+    if not isinstance(rec.get("keys"), list) or not isinstance(rec.get("info", {}), dict):
+        raise StorageError(f"part record {where} has no list of keys; the run is damaged.")
+    return rec
+
+
 def read_record(store: Store, rdir: str, part_id: int) -> dict[str, Any]:
-    """The committed record of one part of the run in ``rdir`` (StorageError when missing or unreadable)."""
-    path = f"{rdir}/{layout.record_name(part_id)}"
+    """The committed record of one part of the run in ``rdir``, validated (:func:`check_record`); StorageError when
+    missing, unreadable or invalid. Transient read errors are retried."""
+    path = f"{rdir}/{layout.record_name(layout.check_part_id(part_id))}"
     try:
-        raw = read_bytes(store, path)
-    except StorageError as exc:
+        raw = retrying(lambda: read_bytes(store, path), f"reading {store.url(path)}")
+    except ObjectNotFoundError as exc:
         raise StorageError(f"run {store.url(rdir)}: the record of part {part_id} is missing ({exc}); the run "
                            "is damaged, re-save it.") from None
     try:
         rec = json.loads(raw)
     except ValueError as exc:
         raise StorageError(f"part record {store.url(path)} is unreadable ({exc}).") from None
-    if not isinstance(rec, dict) or rec.get("part_id") != part_id:
-        raise StorageError(f"part record {store.url(path)} does not describe part {part_id}; the run is damaged.")
-    return rec
+    return check_record(rec, part_id, store.url(path))
 
 
 def read_manifest(store: Store, run_dir: str) -> dict[str, Any]:
@@ -239,6 +290,15 @@ def read_manifest(store: Store, run_dir: str) -> dict[str, Any]:
     if version not in READABLE_SCHEMA_VERSIONS:
         raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has schema_version {version!r}; this version "
                            f"of easyroutine_dist reads {list(READABLE_SCHEMA_VERSIONS)} (upgrade it).")
+    listed = manifest.get("parts") if version >= 2 else manifest.get("records")
+    if not isinstance(listed, list) or not isinstance(manifest.get("metadata"), dict):
+        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has no metadata or part list; the run is damaged.")
+    if version >= 2:
+        try:
+            for p in listed:
+                layout.check_part_id(p)
+        except MetadataError as exc:
+            raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS is refused: {exc}") from None
     return manifest
 
 
@@ -246,16 +306,25 @@ def manifest_part_ids(manifest: dict[str, Any]) -> list[int]:
     """Part ids of a run, in load order, from a raw marker of either schema."""
     if manifest["schema_version"] == 1:
         return [int(r["part_id"]) for r in manifest["records"]]
-    return [int(p) for p in manifest["parts"]]
+    return [layout.check_part_id(p) for p in manifest["parts"]]
 
 
 def iter_records(store: Store, run_dir: str, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Each part record of a run in part-id order, read one at a time (schema 2) or from the marker (schema 1)."""
     if manifest["schema_version"] == 1:
-        yield from manifest["records"]
+        for rec in manifest["records"]:
+            yield embedded_record(store, run_dir, rec)
         return
     for pid in manifest_part_ids(manifest):
         yield read_record(store, run_dir, pid)
+
+
+def embedded_record(store: Store, run_dir: str, rec: Any) -> dict[str, Any]:
+    """A record embedded in a schema-1 marker, validated like a record file."""
+    pid = rec.get("part_id") if isinstance(rec, dict) else None
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS embeds a record without a part id.")
+    return check_record(rec, pid, f"{store.url(run_dir)}/_SUCCESS (part {pid})")
 
 
 class PartRecords(Sequence):
@@ -277,7 +346,7 @@ class PartRecords(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if self._embedded is not None:
-            return self._embedded[i]
+            return embedded_record(self._store, self._dir, self._embedded[i])
         return read_record(self._store, self._dir, self._ids[i])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -299,6 +368,9 @@ def read_marker(store: Store, run_dir: str) -> dict[str, Any]:
 
 
 def run_dir(store: Store, entry: dict[str, Any]) -> str:
+    """The directory of the run an entry describes. Its names are checked first (MetadataError for a name that
+    could leave the storage root), whoever built the entry: the catalog, an index, a user."""
+    layout.check_entry(entry)
     return store.path(layout.run_rel(entry["experiment_name"], layout.model_slug(entry.get("model_name")),
                                      entry["run_id"]))
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import CorruptShardError, StorageError
-from .fs import Store, read_bytes, sync
+from .fs import Store, make_dirs, read_bytes, sync, sync_dir
 
 #: default shard size limit: well inside S3's 10,000-part multipart limit at s3fs' default 50 MiB blocks, and
 #: the most memory an object-store upload copies at once
@@ -125,7 +125,7 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
     total = len(head)
     try:
         if store.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs(store, os.path.dirname(path))
             with open(target, "wb") as f:
                 f.write(head)
                 for k in order:
@@ -144,6 +144,7 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
         digests = {k: futures[k].result() for k in order}
         if store.is_local:
             os.replace(target, path)
+            sync_dir(store, os.path.dirname(path))
     except OSError as exc:
         raise StorageError(f"cannot write shard {store.url(path)}: {exc}") from exc
     finally:
