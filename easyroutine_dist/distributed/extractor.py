@@ -24,6 +24,7 @@ from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.query import normalise
 from ..storage.runs import RunHandle, RunWriter, read_marker, read_record, run_dir
 from . import index as _index
+from .evidence import RunEvidence
 from .credentials import check_model_kwargs, check_storage_options, public_options
 from .lensing import check_lens_config, lens_metadata
 from .models import ModelSource, describe_source, resolve_model_source
@@ -240,12 +241,13 @@ class DistributedExtractor:
 
     # ------------------------------------------------------------------ scheduling
     def _run_parts(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
-                   stop_after: Optional[int], total_rows: Optional[int] = None) -> tuple[int, int, int, int, float]:
+                   stop_after: Optional[int], total_rows: Optional[int] = None,
+                   on_result: Optional[Callable[[dict[str, Any]], None]] = None) -> tuple[int, int, int, int, float]:
         """Schedule ``parts`` over this extractor's workers; returns ``(rows, recomputed, skipped, retried,
         worker_seconds)``. A progress bar counts committed rows (rows/s and ETA when ``total_rows`` is known)."""
         with tqdm(total=total_rows, desc=f"run {run.run_id}", unit="rows", disable=None, dynamic_ncols=True) as bar:
             return schedule(self._workers, submit, parts, run, stop_after, bar, self.max_in_flight,
-                            self.max_part_attempts, self.max_worker_restarts)
+                            self.max_part_attempts, self.max_worker_restarts, on_result)
 
     def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int, n_rows: Optional[int] = None,
                 statistics: bool = False) -> str:
@@ -293,7 +295,8 @@ class DistributedExtractor:
                 other_metadata: Optional[dict[str, Any]] = None, interventions: Optional[list[Any]] = None,
                 logit_lens: Optional[dict[str, Any]] = None, run_id: Optional[str] = None, resume: bool = False,
                 text_column: str = "text", tokenizer_kwargs: Optional[dict[str, Any]] = None,
-                statistics: bool = False, _inject_failure: Optional[dict[str, Any]] = None,
+                statistics: bool = False, self_check: str = "error",
+                _inject_failure: Optional[dict[str, Any]] = None,
                 _stop_after_parts: Optional[int] = None) -> DistributedRun:
         """Extract ``dataset`` into one run of ``saver``'s storage and experiment; return a :class:`DistributedRun`.
 
@@ -301,7 +304,9 @@ class DistributedExtractor:
         each tensor is ``[rows, P, ...]`` exactly as ``HookedModel.extract_cache`` returns it. ``resume=True`` with
         the ``run_id`` of an interrupted run recomputes only partitions without a commit record. ``statistics=True``:
         each worker also stores its part's per-key statistics over real slots, merged at the run commit
-        (``QueryResult.statistics``; docs/storage_format.md, "Statistics").
+        (``QueryResult.statistics``; docs/storage_format.md, "Statistics"). ``self_check``: each worker checks its
+        first batch (``"error"``: it writes nothing when a check fails; ``"warn"``; ``"off"``); the metadata gets
+        the worst check over workers and ``provenance`` (docs/provenance.md).
         """
         from ..config import ExtractionConfig
         from ..positions import validate_specs
@@ -316,6 +321,7 @@ class DistributedExtractor:
         check_storage_options(saver.store.storage_options, f"the saver ({saver.store.url(saver.store.root)})",
                               self.ship_credentials)
         plan = plan_dataset(dataset, partition_size, text_column)
+        evidence = RunEvidence(self_check)  # validates the mode
         validate_specs(list(target_token_positions))
         cfg = extraction_config if isinstance(extraction_config, ExtractionConfig) else (
             ExtractionConfig.from_dict(dict(extraction_config or {})))
@@ -341,6 +347,7 @@ class DistributedExtractor:
         _probe_storage(saver)
         self._ensure_workers()  # first model load happens only after every check above passed
         meta["model_config"] = self._info["model_config"] if self._info else None
+        meta["provenance"] = evidence.provenance(self._info)
         writer: RunWriter = saver.writer
         run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                   ("target_token_positions", "interventions", "extraction_config", "logit_lens",
@@ -361,7 +368,8 @@ class DistributedExtractor:
                "target_token_positions": list(target_token_positions),
                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
                "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
-               "tokenizer_kwargs": tokenizer_kwargs, "statistics": bool(statistics), "inject_failure": _inject_failure}
+               "tokenizer_kwargs": tokenizer_kwargs, "statistics": bool(statistics),
+               "self_check": evidence.mode, "inject_failure": _inject_failure}
         job_ref = ray.put(job)  # shared by every task of the run
         n_parts = 0
         n_rows = 0
@@ -371,13 +379,17 @@ class DistributedExtractor:
             nonlocal n_parts, n_rows, pre_skipped
             for p in planned:
                 n_parts, n_rows = n_parts + 1, n_rows + p.rows
+                evidence.part(p)
                 if p.part_id in done:
                     pre_skipped += 1
                     continue
                 yield p
 
         rows, recomputed, skipped, retried, busy = self._run_parts(
-            lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts, plan.n_rows)
+            lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts, plan.n_rows,
+            evidence.result)
+        evidence.add_stored(done, lambda pid: read_record(writer.store, writer.store.path(run.rel), pid))
+        evidence.apply(run.metadata)  # dataset fingerprint and worst self-check, in the committed metadata
         tc = time.perf_counter()
         url = self._commit(writer, run, n_parts, n_rows, bool(statistics))
         tc = time.perf_counter() - tc

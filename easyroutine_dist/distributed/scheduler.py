@@ -19,10 +19,12 @@ ACTOR_ERRORS = (RayActorError, ActorUnavailableError, WorkerCrashedError)
 
 def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
              stop_after: Optional[int], bar: Any, max_in_flight: int, max_part_attempts: int,
-             max_worker_restarts: int) -> tuple[int, int, int, int, float]:
+             max_worker_restarts: int, on_result: Optional[Callable[[dict[str, Any]], None]] = None
+             ) -> tuple[int, int, int, int, float]:
     """Dynamic scheduling of ``parts`` over ``workers``: least-loaded first, at most ``max_in_flight`` each; a part
     lost to a worker death is redone (up to ``max_part_attempts``), and a dead worker gets no work until it
-    answers a ping. Returns ``(rows, recomputed, skipped, retried, worker_seconds)``; ``bar`` counts rows."""
+    answers a ping. Returns ``(rows, recomputed, skipped, retried, worker_seconds)``; ``bar`` counts rows;
+    ``on_result(answer)`` sees each part's answer (e.g. its self-check)."""
     live = list(range(len(workers)))
     load = collections.Counter({w: 0 for w in live})
     recovering: dict[Any, int] = {}  # ping ref -> worker that died or is restarting
@@ -95,6 +97,8 @@ def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Itera
         except RayTaskError as exc:
             raise DistributedError(f"run {run.run_id}: a partition failed on a worker: {exc.cause!r}; fix the "
                                    "cause, then " + resume_hint()) from exc
+        if on_result is not None:
+            on_result(res)
         rows += int(res["rows"])
         bar.update(int(res["rows"]))
         busy += float(res.get("seconds", 0.0))

@@ -22,6 +22,8 @@ from .credentials import credential_fingerprint, public_options
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
 from .partitions import PartitionSpec, tokenize_batches
+from ..provenance import collect as collect_provenance
+from ..selfcheck import RunChecks
 
 
 class ExtractionWorker:
@@ -39,6 +41,7 @@ class ExtractionWorker:
         self._writers: dict[str, tuple[str, RunWriter]] = {}  # root -> (credential digest, writer)
         self._lens: Any = None
         self.parts_done = 0
+        self._checks = RunChecks()  # one self-check per run, on the first batch this worker processes
 
     # ------------------------------------------------------------------ introspection
     def info(self) -> dict[str, Any]:
@@ -53,7 +56,8 @@ class ExtractionWorker:
         return {"model_name": self.model.model_name, "model_config": self.model.model_config.to_dict(),
                 "pid": os.getpid(), "node": socket.gethostname(), "gpu_ids": gpu_ids,
                 "device": str(self.model.device), "device_map": {str(k): str(v) for k, v in (device_map or {}).items()},
-                "load_seconds": self.load_seconds, "parts_done": self.parts_done}
+                "load_seconds": self.load_seconds, "parts_done": self.parts_done,
+                "provenance": collect_provenance(self.model)}
 
     def ping(self) -> int:
         return os.getpid()
@@ -104,10 +108,13 @@ class ExtractionWorker:
         os._exit(1)
 
     def _finish(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, part_id: int, data: Any,
-                t0: float, rows: int, fingerprint: Optional[str] = None) -> dict[str, Any]:
+                t0: float, rows: int, fingerprint: Optional[str] = None,
+                self_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         record = writer.write_part(run, part_id, data)
         if fingerprint is not None:  # the driver's digest of this part's inputs: resume compares it
             record["fingerprint"] = fingerprint
+        if self_check is not None:  # this worker's self-check of the run (its first batch)
+            record["self_check"] = self_check
         if job.get("statistics"):  # this part's per-key statistics over real slots: one more shard of the part
             from ..storage.stats import add_part_statistics
 
@@ -116,7 +123,7 @@ class ExtractionWorker:
         created = writer.commit_part(run, record)
         self.parts_done += 1
         return {"part_id": part_id, "rows": record["rows"] if record["rows"] else rows, "skipped": not created,
-                "seconds": time.perf_counter() - t0, "pid": os.getpid()}
+                "seconds": time.perf_counter() - t0, "pid": os.getpid(), "self_check": self_check}
 
     # ------------------------------------------------------------------ work
     def extract_part(self, job: dict[str, Any], part: PartitionSpec) -> dict[str, Any]:
@@ -136,6 +143,8 @@ class ExtractionWorker:
         else:
             batches = tokenize_batches(self.model.hf_tokenizer, part.texts or [], job["batch_size"],
                                        job.get("tokenizer_kwargs"))
+        check = self._checks.once(run.run_id, job.get("self_check", "off"), self.model, batches[0],
+                                  cfg) if batches else None  # "error": raises here, before anything is written
         cache = self.model.extract_cache(batches, job["target_token_positions"], extraction_config=cfg,
                                          interventions=job.get("interventions"))
         meta = dict(cache.get("metadata") or {})
@@ -150,7 +159,7 @@ class ExtractionWorker:
                     del cache[k]
             for k, v in lensed.items():
                 cache[k] = v
-        return self._finish(job, writer, run, part.part_id, cache, t0, part.rows, part.fingerprint)
+        return self._finish(job, writer, run, part.part_id, cache, t0, part.rows, part.fingerprint, check)
 
     def lens_part(self, job: dict[str, Any], source: dict[str, Any], record: dict[str, Any],
                   directions: Optional[list[Any]]) -> dict[str, Any]:
