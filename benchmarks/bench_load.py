@@ -1,0 +1,115 @@
+"""Load throughput: QueryResult.load() / iter_parts() of a run of many parts, against fetching the very same objects
+with concurrent raw ``cat_file`` calls (same thread count as the loader's read-ahead), on the local S3 endpoint (a
+moto server in its own process) and on local disk.
+
+Run: python benchmarks/bench_load.py [--parts 32] [--mib-per-part 4] [--reps 3]. Prints a markdown table
+(copied into docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from bench_reader import _load, _scratch  # noqa: E402 (scripts run from benchmarks/)
+from easyroutine_dist.interpretability.activation_saver import ActivationLoader
+from easyroutine_dist.storage import runs
+from easyroutine_dist.storage.runs import RunWriter, read_marker, run_dir
+
+
+def make_run(url: str, options: dict | None, parts: int, mib: float) -> tuple[object, list[str]]:
+    """A committed run of ``parts`` parts of ``mib`` MiB each; returns its QueryResult and its object paths."""
+    writer = RunWriter(url, options)
+    run = writer.begin_run("bench-load", "m", {})
+    rows = max(1, int(mib * 2**20 / (4 * 256)))
+    for pid in range(parts):
+        writer.commit_part(run, writer.write_part(run, pid, {"x": torch.randn(rows, 256)}))
+    writer.commit_run(run)
+    q = ActivationLoader(url, "bench-load", storage_options=options).query()
+    rdir = run_dir(q.store, q[-1])
+    paths = [f"{rdir}/shards/{sh['file']}" for rec in read_marker(q.store, rdir)["records"] for sh in rec["shards"]]
+    return q, paths
+
+
+def bench(label: str, q, paths: list[str], reps: int) -> None:
+    fs = q.store.fs
+    nbytes = sum(fs.size(p) for p in paths)
+
+    def raw() -> None:
+        with ThreadPoolExecutor(runs.PREFETCH_PARTS) as pool:
+            list(pool.map(fs.cat_file, paths))
+
+    def load() -> None:
+        q.load()
+
+    def stream() -> None:
+        for _ in q.iter_parts():
+            pass
+
+    res = {}
+    for name, fn in (("raw", raw), ("load", load), ("iter_parts", stream)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        res[name] = nbytes / 2**20 / statistics.median(times)
+    print(f"| {label} | {len(paths)} | {nbytes / 2**20:.0f} | {res['raw']:.0f} | {res['load']:.0f} "
+          f"({res['load'] / res['raw']:.2f}x) | {res['iter_parts']:.0f} ({res['iter_parts'] / res['raw']:.2f}x) |")
+
+
+@contextlib.contextmanager
+def s3_endpoint():
+    """A moto S3 server in its own process on a free loopback port (so it does not share our GIL)."""
+    import boto3
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ep = f"http://127.0.0.1:{port}"
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+        for _ in range(100):
+            try:
+                boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench-load")
+                break
+            except Exception:  # noqa: BLE001 (server still starting)
+                time.sleep(0.2)
+        yield {"client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", type=int, default=32)
+    ap.add_argument("--mib-per-part", type=float, default=4.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-s3", action="store_true")
+    args = ap.parse_args()
+    print(f"load average at start: {_load()}; read-ahead {runs.PREFETCH_PARTS} parts; raw = the same shard "
+          f"objects fetched whole by {runs.PREFETCH_PARTS} threads\n")
+    print("| storage | objects | MiB | raw MiB/s | load() MiB/s | iter_parts() MiB/s |\n|---|---|---|---|---|---|")
+    q, paths = make_run(_scratch("bench-load-"), None, args.parts, args.mib_per_part)
+    bench("local disk (page cache)", q, paths, args.reps)
+    if not args.no_s3:
+        with s3_endpoint() as opts:
+            q, paths = make_run("s3://bench-load/acts", opts, args.parts, args.mib_per_part)
+            bench("S3 (moto server process)", q, paths, args.reps)
+
+
+if __name__ == "__main__":
+    main()
