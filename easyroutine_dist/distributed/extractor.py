@@ -441,6 +441,10 @@ class DistributedExtractor:
         writer: RunWriter = saver.writer
         new_run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                       ("logit_lens", "source_run", "distributed"))
+        if resumed and writer.is_committed(new_run):  # already done: the committed run, as extract returns it
+            n = len(read_marker(writer.store, run_dir(writer.store, new_run.metadata))["records"])
+            return DistributedRun(new_run.run_id, new_run.experiment, str(new_run.metadata.get("model_name")),
+                                  new_run.url, n_rows, n, 0, n, 0, time.perf_counter() - t0, True)
         job = {"run": new_run.to_dict(), "storage": self._storage(saver),
                "logit_lens": {k: v for k, v in lens.items() if k != "token_directions"}}
         src_options = dict(src_store.storage_options) if self.ship_credentials else public_options(

@@ -5,12 +5,16 @@ rebuild: its state is the catalog in storage, loaded on first use of a root (aft
 driver registers each run right after ``commit_run``. ``ActivationLoader.query`` asks it through the storage
 query-provider hook when a cluster is reachable; otherwise (no Ray, no index, the index restarting for longer
 than :data:`QUERY_TIMEOUT_S`, an in-memory store) the loader reads the catalog in storage, which is the same data.
+Every failure to reach the index is logged at WARNING once per cause (logger ``easyroutine_dist.distributed.index``)
+until the index answers again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import time
 from typing import Any, Optional
 
@@ -25,8 +29,25 @@ from .credentials import credential_fingerprint, public_options, secret_paths
 
 INDEX_NAME = "easyroutine_dist_index"
 INDEX_NAMESPACE = "easyroutine_dist"
-#: seconds a query waits for the index before reading the catalog in storage instead
-QUERY_TIMEOUT_S = 20.0
+#: seconds a query (or a run's registration) waits for the index before going on without it: a query then reads
+#: the catalog in storage; a restarting or unreachable index costs a query at most about this
+QUERY_TIMEOUT_S = 2.0
+_LOG = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+_WARN_LOCK = threading.Lock()
+
+
+def _warn_once(cause: str, msg: str, *args: Any) -> None:
+    """Log ``msg`` at WARNING the first time ``cause`` happens (DEBUG afterwards) until the index answers again."""
+    with _WARN_LOCK:
+        first = cause not in _WARNED
+        _WARNED.add(cause)
+    (_LOG.warning if first else _LOG.debug)(msg, *args)
+
+
+def _answered() -> None:
+    with _WARN_LOCK:
+        _WARNED.clear()
 
 
 class MetadataIndex:
@@ -106,14 +127,20 @@ def get_index(create: bool = True) -> Optional[Any]:
 def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_TIMEOUT_S) -> bool:
     """Tell the index about a committed run; False (not an error) when the index cannot be reached."""
     key = store_key(store)
-    index = get_index(create=True) if key is not None else None
-    if index is None:
+    if key is None or not ray.is_initialized():
         return False
     try:
+        index = get_index(create=True)
+        if index is None:
+            return False
         ray.get(index.register.remote(key, public_options(store.storage_options), entry), timeout=timeout_s)
-        return True
-    except Exception:  # noqa: BLE001 - the catalog in storage already has the run; the index is derived
+    except Exception as exc:  # noqa: BLE001 - the catalog in storage already has the run; the index is derived
+        _warn_once(f"register:{type(exc).__name__}", "the metadata index did not take run %s within %.1f s "
+                   "(%s: %s); queries still find it in the catalog in storage", entry.get("run_id"), timeout_s,
+                   type(exc).__name__, exc)
         return False
+    _answered()
+    return True
 
 
 def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[dict[str, Any]]]:
@@ -122,16 +149,25 @@ def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[di
         return None  # a caller with its own secrets reads the catalog itself: they never reach the index
     deadline = time.monotonic() + QUERY_TIMEOUT_S
     while True:
-        index = get_index(create=False)
-        if index is None:
-            return None
         try:
-            return ray.get(index.entries.remote(key, public_options(store.storage_options), experiment),
-                           timeout=max(0.1, deadline - time.monotonic()))
-        except (ActorUnavailableError, RayActorError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)  # killed or restarting (max_restarts=-1): ask the new incarnation
+            index = get_index(create=False)
+            if index is None:
+                return None
+            entries = ray.get(index.entries.remote(key, public_options(store.storage_options), experiment),
+                              timeout=max(0.1, deadline - time.monotonic()))
+        except (ActorUnavailableError, RayActorError) as exc:
+            if time.monotonic() + 0.2 < deadline:
+                time.sleep(0.2)  # killed or restarting (max_restarts=-1): ask the new incarnation
+                continue
+            _warn_once(f"query:{type(exc).__name__}", "the metadata index did not answer within %.1f s (%s: %s); "
+                       "reading the catalog in storage instead", QUERY_TIMEOUT_S, type(exc).__name__, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a broken index must never fail a query; the catalog is the truth
+            _warn_once(f"query:{type(exc).__name__}", "the metadata index failed (%s: %s); reading the catalog in "
+                       "storage instead", type(exc).__name__, exc)
+            return None
+        _answered()
+        return entries
 
 
 def index_reachable() -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from ..errors import ConfigError, StorageError
 from ..storage import layout
 from ..storage.fs import exists, read_bytes
-from ..storage.runs import RunHandle, RunWriter
+from ..storage.runs import PartAlreadyCommittedError, RunHandle, RunWriter, check_record
 from .credentials import credential_fingerprint, public_options
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
@@ -110,7 +110,11 @@ class ExtractionWorker:
     def _finish(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, part_id: int, data: Any,
                 t0: float, rows: int, fingerprint: Optional[str] = None,
                 self_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        record = writer.write_part(run, part_id, data)
+        try:
+            record = writer.write_part(run, part_id, data)  # shards under this attempt's own names
+        except PartAlreadyCommittedError:  # another attempt committed the part meanwhile: its bytes stay as they are
+            return {"part_id": part_id, "rows": rows, "skipped": True, "seconds": time.perf_counter() - t0,
+                    "pid": os.getpid()}
         if fingerprint is not None:  # the driver's digest of this part's inputs: resume compares it
             record["fingerprint"] = fingerprint
         if self_check is not None:  # this worker's self-check of the run (its first batch)
@@ -120,7 +124,7 @@ class ExtractionWorker:
 
             add_part_statistics(writer.store, writer.store.path(run.rel), record, data)
         self._maybe_fail(job, part_id)  # after the shards, before the commit record: the worst moment to die
-        created = writer.commit_part(run, record)
+        created = writer.commit_part(run, record)  # False: another attempt won; this one's shards are dropped
         self.parts_done += 1
         return {"part_id": part_id, "rows": record["rows"] if record["rows"] else rows, "skipped": not created,
                 "seconds": time.perf_counter() - t0, "pid": os.getpid(), "self_check": self_check}
@@ -174,6 +178,7 @@ class ExtractionWorker:
         done = self._existing(writer, run, part_id)
         if done is not None:
             return {"part_id": part_id, "rows": done["rows"], "skipped": True, "seconds": 0.0, "pid": os.getpid()}
+        check_record(record, part_id, f"part {part_id} of run {source['run_id']}")  # shard names become paths
         src_writer = self._writer(source["storage"])
         lens_cfg = job["logit_lens"]
         keys = needed_keys(lens_cfg, list(record["keys"]))

@@ -7,6 +7,7 @@ down, other storage root), and the loader then reads the catalog in storage as u
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Optional
 
@@ -17,6 +18,8 @@ QueryProvider = Callable[[Store, Optional[str]], Optional[list[dict[str, Any]]]]
 
 _LOCK = threading.Lock()
 _PROVIDERS: dict[str, QueryProvider] = {}
+_LOG = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()
 
 
 def register_query_provider(name: str, provider: QueryProvider) -> None:
@@ -33,14 +36,21 @@ def unregister_query_provider(name: str) -> None:
 def provided_entries(store: Store, experiment: Optional[str]) -> Optional[list[dict[str, Any]]]:
     """Entries from the first provider that answers, or None when none does (read the catalog then).
 
-    A provider that raises is treated as declining: a broken index must never make a query fail.
+    A provider that raises is treated as declining (a broken index must never make a query fail), with a WARNING
+    the first time each provider fails with each kind of error.
     """
     with _LOCK:
-        providers = list(_PROVIDERS.values())
-    for provider in providers:
+        providers = list(_PROVIDERS.items())
+    for name, provider in providers:
         try:
             entries = provider(store, experiment)
-        except Exception:  # noqa: BLE001 - fall back to the catalog, which is always authoritative
+        except Exception as exc:  # noqa: BLE001 - fall back to the catalog, which is always authoritative
+            cause = (name, type(exc).__name__)
+            with _LOCK:
+                first = cause not in _WARNED
+                _WARNED.add(cause)
+            (_LOG.warning if first else _LOG.debug)("query provider %r failed (%s: %s); reading the catalog in "
+                                                    "storage instead", name, type(exc).__name__, exc)
             entries = None
         if entries is not None:
             return entries

@@ -51,7 +51,9 @@ def test_index_actor_killed_comes_back(extractor, texts, tmp_path):
     ray.kill(index, no_restart=False)
     after = [e["run_id"] for e in loader.query()]  # waits for the restart (or falls back to the catalog)
     assert after == before and len(after) == 2
-    from_index = _index._query_provider(saver.store, "idx")  # the restarted actor itself answers
+    deadline = time.monotonic() + 60  # a query waits ~QUERY_TIMEOUT_S (2 s); the restart may take longer
+    while (from_index := _index._query_provider(saver.store, "idx")) is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # the restarted actor itself answers, once it is up
     assert from_index is not None and [e["run_id"] for e in from_index] == before
     status = ray.get(get_index(create=False).status.remote())
     assert status["pid"] != pid and str(tmp_path) in status["roots"]  # a new process, rebuilt from storage
