@@ -396,6 +396,14 @@ class DistributedExtractor:
         return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
                               recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed, busy, tc)
 
+    def plan(self, dataset: Any, target_token_positions: list, extraction_config: Any, saver: Any,
+             **kwargs: Any) -> Any:
+        """Dry run of ``extract`` (same arguments) starting no worker: an ``ExtractionPlan`` (rows, keys, bytes,
+        shards, requests, memory, time; :func:`easyroutine_dist.distributed.plan.plan_extraction`)."""
+        from .plan import plan_extraction
+        return plan_extraction(self.source, dataset, target_token_positions, extraction_config, saver,
+                               num_workers=self.num_workers, num_gpus_per_worker=self.num_gpus_per_worker, **kwargs)
+
     def _storage(self, saver: Any) -> dict[str, Any]:
         """What workers need to open ``saver``'s storage: without secrets unless ``ship_credentials``."""
         store = saver.store
