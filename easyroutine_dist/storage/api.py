@@ -253,6 +253,15 @@ class QueryResult:
                           shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                           shuffle_buffer=shuffle_buffer, prefetch=prefetch, normalize=normalize)
 
+    def verify(self, which: Union[int, str] = -1, threads: int = 8, remove_orphans: bool = False) -> Any:
+        """Read every shard of a run (``threads`` at a time) and check checksums, sizes and that every committed
+        part has its shards; list orphaned files (``remove_orphans=True`` deletes only files no commit record
+        references). Returns a :class:`easyroutine_dist.storage.integrity.VerifyReport` (``.intact``, ``.problems``)."""
+        from .integrity import verify_run
+
+        entry = self._entry(which)
+        return verify_run(self.store, run_dir(self.store, entry), entry["run_id"], threads, remove_orphans)
+
     def remove(self, which: Union[int, str] = -1) -> None:
         """Delete a run from storage (and from this result)."""
         entry = self._entry(which)
@@ -306,13 +315,20 @@ class ActivationLoader:
                               provenance=provenance)
         exp = experiment_name or self.experiment_name
         scope = None if exp == ALL_EXPERIMENTS else exp
-        entries = provided_entries(self.store, scope)  # e.g. the Ray index actor, when a cluster is reachable
+        entries = provided = provided_entries(self.store, scope)  # e.g. the Ray index actor, when reachable
         if entries is not None:
             entries = _valid_entries(entries, "a query provider")
         else:
             entries = self._indexed(scope, crit)
         pred = compile_criteria(crit)
-        return QueryResult(self.store, self.catalog, [e for e in entries if pred(e)])
+        found = [e for e in entries if pred(e)]
+        if not found and provided is None:  # looked in the wrong place? one WARNING line says where it looked
+            from .hints import where_problem
+
+            hint = where_problem(self.store, self.catalog, scope)
+            if hint:
+                _LOG.warning("query found no run: %s", hint)
+        return QueryResult(self.store, self.catalog, found)
 
     def _indexed(self, scope: Optional[str], crit: dict[str, Any]) -> list[dict[str, Any]]:
         """Candidate entries: from the catalog's equality index on one exact criterion when there is one."""

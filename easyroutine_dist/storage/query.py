@@ -51,6 +51,12 @@ def normalise(value: Any, what: str = "value") -> Any:
 def _config_criterion(config: Any) -> dict[str, Any]:
     """The fields an extraction_config query constrains: a dict constrains its keys; a config its non-defaults."""
     if isinstance(config, dict):
+        from ..config import ExtractionConfig
+
+        unknown = sorted(set(config) - set(ExtractionConfig.__dataclass_fields__))
+        if unknown:
+            raise MetadataError(f"extraction_config has no field(s) {unknown}; query by ExtractionConfig fields, "
+                                f"e.g. {{'extract_resid_out': True}}.")
         return normalise(config, "extraction_config")
     full = normalise(config, "extraction_config")
     try:
@@ -83,6 +89,9 @@ def build_criteria(
     if save_time is not None:
         crit["save_time"] = str(save_time)
     if custom_keys is not None:
+        if not isinstance(custom_keys, dict):
+            raise MetadataError(f"custom_keys={custom_keys!r} must be a dict of custom metadata keys and values, "
+                                "e.g. {'batch': 1}.")
         crit["custom_keys"] = normalise(custom_keys, "custom_keys")
     if extraction_config is not None:
         crit["extraction_config"] = _config_criterion(extraction_config)

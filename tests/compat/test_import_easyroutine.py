@@ -276,5 +276,5 @@ def test_cli_imports_and_refuses(archive, tmp_path):
     marker = tmp_path / "cli-pwned"
     write_run(root, "exp", "org/model", "2024-05-06 00:00:00", _RunsShell(marker))
     out = CliRunner().invoke(app, ["import-easyroutine", str(root), "--base-dir", str(tmp_path / "elsewhere")])
-    assert out.exit_code == 1 and "2024-05-06_00_00_00" in out.output and "refused" in out.output
+    assert out.exit_code == 2 and "2024-05-06_00_00_00" in out.output and "refused" in out.output  # input refused
     assert not marker.exists() and not (tmp_path / "elsewhere").exists()

@@ -4,7 +4,9 @@ factory, a .txt dataset), query, index stats/rebuild, refused job keys, the logi
 from __future__ import annotations
 
 import re
+import time
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from .conftest import reference
 
 pytestmark = pytest.mark.slow
 
-COMMANDS = ("extract", "query", "logit-lens", "index", "demo")
+COMMANDS = ("extract", "query", "verify", "logit-lens", "index", "demo")
 RUN_RE = re.compile(r"run (\S+) saved at\s+(\S.*)", re.S)  # rich may fold a long URL over lines
 JOB_CONFIG = ExtractionConfig(extract_resid_out=True, save_logits=False)
 
@@ -90,11 +92,18 @@ def test_query_lists_run_with_rows(job_run, workdir, monkeypatch):
     assert len(lines) == 1, out
     cells = [c for c in re.split(r"\s{2,}|[│┃|]", lines[0].strip()) if c.strip()]
     assert cells[0] == "0" and cells[1] == run_id, out
-    assert cells[-2:] == ["10", "3"], out  # rows and parts columns
+    assert cells[-3:-1] == ["10", "3"], out  # rows and parts columns, then the size on storage
+    size = sum(f.stat().st_size for f in (workdir / "runs" / "cli-job" / "tiny-llama-factory" / run_id).rglob("*")
+               if f.is_file())
+    value, unit = cells[-1].split()
+    assert abs(float(value) * {"B": 1, "KiB": 1024, "MiB": 1024**2}[unit] - size) < 0.06 * 1024, (cells, size)
     monkeypatch.setattr(cli.console, "width", 200)  # wide enough: nothing folded
     wide = _ok(_invoke("query", "--base-dir", workdir / "runs", "--experiment", "cli-job"))
     cells = re.split(r"\s{2,}", next(line for line in wide.splitlines() if run_id in line).strip())
-    assert cells == ["0", run_id, "tiny-llama-factory", "from-yaml", "10", "3"], wide
+    assert cells[:-1] == ["0", run_id, "tiny-llama-factory", "from-yaml", "10", "3"], wide
+    # no --experiment: every experiment is searched, and the title says so
+    every = _ok(_invoke("query", "--base-dir", workdir / "runs"))
+    assert "1 run(s) in all experiments" in every and run_id in every
     # filters reach the loader: tag and custom keys
     assert run_id in _ok(_invoke("query", "--base-dir", workdir / "runs", "--experiment", "cli-job",
                                  "--tag", "from-yaml"))
@@ -121,8 +130,8 @@ def test_unknown_job_key_refused(ray_cluster, workdir, prompts_txt):
                                                       "dataset": str(prompts_txt), "num_worker": 2,
                                                       "base_dir": str(workdir / "bad-runs")}))
     result = _invoke("extract", "--config", workdir / "bad.yaml")
-    assert result.exit_code != 0
-    assert "num_worker" in result.output and "unknown keys" in result.output, result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "num_worker" in result.stderr and "unknown keys" in result.stderr, result.output
     assert not (workdir / "bad-runs").exists()  # refused before any work
 
 
@@ -176,3 +185,125 @@ def test_help_lists_subcommands():
         assert re.search(rf"^\W*{re.escape(cmd)}\b", out, re.M), (cmd, out)
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("easyroutine-dist") == "easyroutine_dist.cli:app"
+
+
+# ---------------------------------------------------------------------------------------- checked before Ray starts
+@pytest.fixture
+def no_cluster(monkeypatch):
+    """Fail the test if the CLI gets as far as creating a DistributedExtractor (i.e. would start Ray/workers)."""
+    from easyroutine_dist.distributed import extractor
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI started a DistributedExtractor for input it should have refused")
+
+    monkeypatch.setattr(extractor.DistributedExtractor, "__init__", refuse)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--positions", "10000"], "dataset row 0 "),
+    (["--positions", "all", "--positions", "all"], "duplicate"),
+    (["--extract", "resid_outt"], "'resid_outt' is not an activation"),
+    (["--logit-lens", "resid_out_{i}", "--top-k", "0"], "top_k=0"),
+])
+def test_extract_refuses_bad_input_before_ray(no_cluster, model_dir, prompts_txt, tmp_path, extra, expected):
+    t0 = time.perf_counter()
+    result = _invoke("extract", "--model", model_dir, "--dataset", prompts_txt, "--base-dir", tmp_path / "runs",
+                     *extra)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert expected in result.stderr and "Traceback" not in result.output, result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    assert time.perf_counter() - t0 < 30  # the tokenizer of the first rows, not a cluster (generous bound)
+    assert not (tmp_path / "runs").exists()  # nothing written, no uncommitted run folder
+
+
+def test_extract_refuses_unknown_model_and_storage(no_cluster, prompts_txt, tmp_path):
+    out = _invoke("extract", "--model", tmp_path / "no-model", "--dataset", prompts_txt, "--base-dir", tmp_path / "r")
+    assert out.exit_code == 2 and "unknown model" in out.stderr and not (tmp_path / "r").exists()
+    (tmp_path / "file").write_text("not a folder")
+    out = _invoke("extract", "--model", "tests.distributed.tiny:tiny_hooked", "--dataset", prompts_txt,
+                  "--base-dir", tmp_path / "file" / "runs")
+    assert out.exit_code == 2 and "is a file, not a folder" in out.stderr, out.output
+
+
+def test_dry_run_json_starts_no_ray(model_dir, prompts_txt, tmp_path):
+    """``--dry-run --json`` in a fresh process whose ``ray.init`` fails if called: one JSON object, nothing written."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, ray\n"
+            "def refuse(*a, **k):\n    raise SystemExit('ray.init was called')\n"
+            "ray.init = refuse\n"
+            "from easyroutine_dist.cli import app\n"
+            "sys.argv = ['easyroutine-dist', *sys.argv[1:]]\napp()\n")
+    args = ["extract", "--model", model_dir, "--dataset", str(prompts_txt), "--base-dir", str(tmp_path / "runs"),
+            "--positions", "all", "--batch-size", "2", "--partition-size", "4", "--num-workers", "2", "--dry-run",
+            "--json"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)
+    for key in ("rows", "partitions", "bytes", "shards", "requests", "estimated_seconds", "keys",
+                "peak_host_bytes", "assumptions"):
+        assert key in plan, key
+    assert plan["rows"] == 10 and plan["partitions"] == 3 and plan["num_workers"] == 2  # 10 prompts / 4
+    assert set(plan["keys"]) >= {"resid_out_0", "resid_out_1", "resid_out_2"}
+    assert not (tmp_path / "runs").exists()
+    text = _ok(_invoke("extract", "--model", model_dir, "--dataset", prompts_txt, "--base-dir", tmp_path / "runs",
+                       "--dry-run"))
+    assert "bytes on storage:" in text and "estimated wall time:" in text and "assumes:" in text
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------- logit-lens
+def test_logit_lens_errors_name_what_they_searched(job_run, workdir):
+    _, run_id = job_run
+    base = workdir / "runs"
+    out = _invoke("logit-lens", "--base-dir", base, "--experiment", "cli-job", "--run", run_id, "--row", "999")
+    assert out.exit_code == 2 and "--row 999 is out of range" in out.stderr and "10 rows" in out.stderr, out.output
+    out = _invoke("logit-lens", "--base-dir", base, "--experiment", "nope")
+    assert out.exit_code == 2 and "experiment 'nope'" in out.stderr and str(base) in out.stderr
+    out = _invoke("logit-lens", "--base-dir", workdir / "elsewhere")
+    assert out.exit_code == 2 and "elsewhere does not exist" in out.stderr
+    out = _invoke("logit-lens", "--base-dir", base, "--run", "7")
+    assert out.exit_code == 2 and "run index 7 is out of range" in out.stderr
+
+
+def _lens_by_hand(text: str, hooked_ref):
+    """Top-1 (id, prob) per layer at the last token of ``text`` alone through plain HF: final norm and lm_head on
+    each block's output (the model's own logits at the last layer)."""
+    hf = tiny_model("llama")
+    hidden, logits = hf_row(hf, hooked_ref.hf_tokenizer(text)["input_ids"])
+    with torch.no_grad():
+        lens = [hf.lm_head(hf.model.norm(hidden[1])), hf.lm_head(hf.model.norm(hidden[2])), logits]
+    out = []
+    for layer in lens:
+        p = layer[-1].softmax(-1)
+        out.append((int(p.argmax()), float(p.max())))
+    return out
+
+
+def _table_rows(out: str) -> list[tuple[int, str, str]]:
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"\s*[│┃|]\s*(\d+)\s*[│┃|]\s*('.*?'|\".*?\")\s*[│┃|]\s*([0-9.]+)\s*[│┃|]", line)
+        if m:
+            rows.append((int(m.group(1)), m.group(2), m.group(3)))
+    return rows
+
+
+@pytest.mark.parametrize("where", ["local", "workers"])
+def test_logit_lens_from_stored_activations(job_run, workdir, texts, hooked_ref, where):
+    """The job's run holds resid_out_* and no stored lens: the lens is computed from the stored activations (here
+    or on the workers) and equals the lens computed by hand from HF on that prompt alone."""
+    _, run_id = job_run
+    png = workdir / f"lens-{where}.png"
+    out = _ok(_invoke("logit-lens", "--base-dir", workdir / "runs", "--experiment", "cli-job", "--run", run_id,
+                      "--row", "1", "--compute", where, "--plot", png))
+    said = "lens computed on this machine" if where == "local" else "lens computed on the workers, stored as run"
+    assert said in " ".join(out.split()), out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tok = hooked_ref.hf_tokenizer
+    expected = [(layer, repr(tok.decode([i])), f"{p:.3f}") for layer, (i, p) in
+                enumerate(_lens_by_hand(texts[1], hooked_ref))]
+    assert _table_rows(out) == expected, out

@@ -1,0 +1,5 @@
+"""``python -m easyroutine_dist.cli``."""
+
+from . import app
+
+app()
