@@ -12,24 +12,22 @@ Events (``event`` field of the JSON form), in order:
 * ``run_failed``: the run stopped; committed partitions are kept, ``resume_command`` finishes it.
 
 Events are records of the ``easyroutine_dist.events`` logger (level INFO) whose ``event`` attribute holds the
-JSON object; their message is the plain line. :func:`log_handler` formats them for a job log: ``"plain"`` (the
-line, never wrapped) or ``"json"`` (one object per line; other log records become ``{"event": "log", ...}``).
-No Ray here.
+JSON object; their message is the plain line. :func:`easyroutine_dist.joblog.log_handler` formats them for a job
+log: ``"plain"`` (the line, never wrapped) or ``"json"`` (one object per line). No Ray here.
 """
 
 from __future__ import annotations
 
 import collections
 import datetime
-import json
 import logging
 import re
-import sys
 import time
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Optional
+
+from ..joblog import LOG_FORMATS, JsonFormatter, PlainFormatter, log_handler  # noqa: F401 (re-exported)
 
 LOGGER_NAME = "easyroutine_dist.events"
-LOG_FORMATS = ("plain", "json")
 _LOG = logging.getLogger(LOGGER_NAME)
 
 
@@ -194,58 +192,12 @@ class RunEvents:
         p = s["partitions"]
         self._emit("run_committed", f"run {self.run_id} committed at {run.url}", **s)
         self._line(f"run {self.run_id} summary: {p['total']} partitions: {p['skipped']} skipped (already "
-                              f"committed), {p['computed']} computed, {p['retried']} retried; {s['rows']} rows; "
-                              f"{human_bytes(s['bytes_written'])} written; {run.seconds:.1f} s wall time")
+                   f"committed), {p['computed']} computed, {p['retried']} retried; {s['rows']} rows; "
+                   f"{human_bytes(s['bytes_written'])} written; {run.seconds:.1f} s wall time")
         for w in s["workers"]:
-            self._line(f"run {self.run_id} summary: worker {w['worker']} on {_place_text(w)}: "
-                                  f"{w['partitions']} partitions computed")
-
-
-# ---------------------------------------------------------------------- log formats
-class PlainFormatter(logging.Formatter):
-    """The message alone (``warning: ...`` for warnings and errors), on one line that nothing wraps."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record: an event's own object, or ``{"event": "log", "level", "logger", "message"}``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        body = getattr(record, "event", None)
-        if not isinstance(body, dict):
-            when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-            body = {"event": "log", "time": when.isoformat(timespec="milliseconds"),
-                    "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-            if record.exc_info:
-                body["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(body, default=str, separators=(",", ":"))
-
-
-def log_handler(fmt: str = "plain", stream: Optional[TextIO] = None) -> logging.Handler:
-    """A handler writing ``easyroutine_dist`` log records as ``fmt`` (``"plain"`` or ``"json"``) to ``stream``
-    (default stderr, looked up when each record is written)."""
-    if fmt not in LOG_FORMATS:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"log format {fmt!r} is unknown; use one of {', '.join(LOG_FORMATS)}.")
-
-    class _Handler(logging.StreamHandler):
-        def emit(self, record: logging.LogRecord) -> None:
-            self.stream = stream if stream is not None else sys.stderr
-            super().emit(record)
-
-    handler = _Handler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
-    if fmt == "json":
-        handler.addFilter(lambda record: not getattr(record, "plain_only", False))
-    return handler
+            n = w["partitions"]
+            self._line(f"run {self.run_id} summary: worker {w['worker']} on {_place_text(w)}: {n} "
+                       f"partition{'' if n == 1 else 's'} computed")
 
 
 __all__ = ["LOGGER_NAME", "LOG_FORMATS", "JsonFormatter", "PlainFormatter", "RunEvents", "human_bytes",
