@@ -21,15 +21,17 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DistributedError, StorageError
 from ..storage.fs import exists, list_names, read_bytes
 from ..storage.layout import CATALOG_DIR, check_tag
+from ..storage.layout import new_run_id as _new_run_id
 from ..storage.query import normalise
 from ..storage.runs import RunHandle, RunWriter, read_marker, read_record, run_dir
 from . import index as _index
 from .evidence import RunEvidence
+from .events import RunEvents
 from .credentials import check_model_kwargs, check_storage_options, public_options
 from .lensing import check_lens_config, lens_metadata
 from .models import ModelSource, describe_source, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
-from .resume import check_committed_parts, check_same_settings, read_fingerprints
+from .resume import check_committed_parts, check_same_settings, never_begun, read_fingerprints
 from .scheduler import ACTOR_ERRORS, schedule
 from .worker import ExtractionWorker, check_same_model
 
@@ -44,6 +46,8 @@ class DistributedRun:
     ``retried``: partition attempts lost to worker deaths and redone. ``worker_seconds``: time spent inside
     workers (tokenise, forward, lens, write, commit part) summed over partitions; ``commit_seconds``: the driver's
     run commit (listing part records, writing ``_SUCCESS`` and the catalog entry, registering with the index).
+    ``bytes_written``: shard bytes this call wrote; ``workers``: where each worker ran (node, node id, GPUs, the
+    partitions it computed), as in the ``run_committed`` event (:mod:`.events`).
     """
 
     run_id: str
@@ -59,6 +63,8 @@ class DistributedRun:
     resumed: bool = False
     worker_seconds: float = 0.0
     commit_seconds: float = 0.0
+    bytes_written: int = 0
+    workers: tuple = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +106,8 @@ class DistributedExtractor:
             are refused, since workers and the index take credentials from their own environment (env vars,
             instance role, mounted profile). True sends them through Ray: they then enter its object store (which
             may spill to disk) and the workers' creation arguments (docs/cluster.md, "Credentials").
+    Each call logs its events (:mod:`.events`: the run id and how to resume it before any model loads, each part,
+    a summary); ``resume_command``: None, or a function of the run id giving the command that resumes it.
     """
 
     def __init__(self, model_name: Union[str, Callable[..., Any]], num_workers: int = 1,
@@ -131,6 +139,8 @@ class DistributedExtractor:
         self._check_resources()
         self._workers: list[Any] = []
         self._info: Optional[dict[str, Any]] = None
+        self._infos: list[dict[str, Any]] = []
+        self.resume_command: Optional[Callable[[str], str]] = None
 
     # ------------------------------------------------------------------ cluster
     def _connect(self, address: Optional[str]) -> None:
@@ -202,7 +212,7 @@ class DistributedExtractor:
         except ACTOR_ERRORS as exc:
             self.shutdown()
             raise DistributedError(f"a worker died while loading model {self.source.name!r}: {exc}") from exc
-        self._info = infos[0]
+        self._info, self._infos = infos[0], infos
 
     def workers_info(self) -> list[dict[str, Any]]:
         """``ExtractionWorker.info()`` of every worker (starts them if needed)."""
@@ -242,12 +252,15 @@ class DistributedExtractor:
     # ------------------------------------------------------------------ scheduling
     def _run_parts(self, submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
                    stop_after: Optional[int], total_rows: Optional[int] = None,
-                   on_result: Optional[Callable[[dict[str, Any]], None]] = None) -> tuple[int, int, int, int, float]:
+                   on_result: Optional[Callable[[dict[str, Any]], None]] = None,
+                   events: Optional[RunEvents] = None) -> tuple[int, int, int, int, float]:
         """Schedule ``parts`` over this extractor's workers; returns ``(rows, recomputed, skipped, retried,
-        worker_seconds)``. A progress bar counts committed rows (rows/s and ETA when ``total_rows`` is known)."""
+        worker_seconds)``. A progress bar counts committed rows (rows/s and ETA when ``total_rows`` is known);
+        ``events`` logs each part, and the failure that stops the run."""
         with tqdm(total=total_rows, desc=f"run {run.run_id}", unit="rows", disable=None, dynamic_ncols=True) as bar:
-            return schedule(self._workers, submit, parts, run, stop_after, bar, self.max_in_flight,
-                            self.max_part_attempts, self.max_worker_restarts, on_result)
+            args = (self._workers, submit, parts, run, stop_after, bar, self.max_in_flight, self.max_part_attempts,
+                    self.max_worker_restarts, on_result, events)
+            return events.guard(schedule, *args) if events is not None else schedule(*args)
 
     def _commit(self, writer: RunWriter, run: RunHandle, n_parts: int, n_rows: Optional[int] = None,
                 statistics: bool = False) -> str:
@@ -278,6 +291,9 @@ class DistributedExtractor:
         try:
             run = writer.open_run(experiment, model_name, run_id or "")
         except StorageError as exc:
+            if run_id and never_begun(writer.store, experiment, run_id):  # its driver stopped before writing anything
+                _LOG.info("run %s was never begun (its driver stopped before writing anything): beginning it", run_id)
+                return writer.begin_run(experiment, model_name, meta, run_id=run_id), False
             raise ConfigError(f"cannot resume run {run_id!r}: it was never begun in experiment {experiment!r} for "
                               f"model {model_name!r} ({exc}).") from None
         def same_work(m: dict[str, Any]) -> dict[str, Any]:  # the worker count may change between attempts
@@ -345,15 +361,18 @@ class DistributedExtractor:
         if statistics:  # absent otherwise: runs begun before statistics existed resume unchanged
             meta["statistics"] = True
         _probe_storage(saver)
-        self._ensure_workers()  # first model load happens only after every check above passed
+        run_id = run_id or _new_run_id()[0]  # allocated and logged before any model loads: resumable from here on
+        events = RunEvents("extract", run_id, saver.experiment_name, saver.store.url(saver.store.root), resume,
+                           self.resume_command)
+        events.started(plan.n_rows, partition_size)
+        events.guard(self._ensure_workers)  # first model load happens only after every check above passed
         meta["model_config"] = self._info["model_config"] if self._info else None
         meta["provenance"] = evidence.provenance(self._info)
         writer: RunWriter = saver.writer
         run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
                                   ("target_token_positions", "interventions", "extraction_config", "logit_lens",
                                    "distributed", "statistics"))
-        _LOG.info("run %s %s at %s (resume it with run_id=%r, resume=True if this driver dies)", run.run_id,
-                     "resumed" if resumed else "started", run.url, run.run_id)
+        events.workers_ready(self._infos, run.url)
         done = set(writer.committed_part_ids(run)) if resumed else set()
         planned: Iterator[PartitionSpec] = plan.partitions(directions)
         if done:  # same inputs as the committed parts? checked before anything is scheduled
@@ -362,8 +381,9 @@ class DistributedExtractor:
             planned = check_committed_parts(run.run_id, planned, stored)
         if resumed and writer.is_committed(run):
             n = len(read_marker(writer.store, run_dir(writer.store, run.metadata))["records"])
-            return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), run.url,
-                                  int(plan.n_rows or 0), n, 0, n, 0, time.perf_counter() - t0, True)
+            return events.finish(DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")),
+                                                run.url, int(plan.n_rows or 0), n, 0, n, 0, time.perf_counter() - t0,
+                                                True))
         job = {"run": run.to_dict(), "storage": self._storage(saver), "batch_size": batch_size,
                "target_token_positions": list(target_token_positions),
                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
@@ -387,14 +407,15 @@ class DistributedExtractor:
 
         rows, recomputed, skipped, retried, busy = self._run_parts(
             lambda w, p: w.extract_part.remote(job_ref, p), parts(), run, _stop_after_parts, plan.n_rows,
-            evidence.result)
+            evidence.result, events)
         evidence.add_stored(done, lambda pid: read_record(writer.store, writer.store.path(run.rel), pid))
         evidence.apply(run.metadata)  # dataset fingerprint and worst self-check, in the committed metadata
         tc = time.perf_counter()
-        url = self._commit(writer, run, n_parts, n_rows, bool(statistics))
+        url = events.guard(self._commit, writer, run, n_parts, n_rows, bool(statistics))
         tc = time.perf_counter() - tc
-        return DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url, n_rows, n_parts,
-                              recomputed, skipped + pre_skipped, retried, time.perf_counter() - t0, resumed, busy, tc)
+        return events.finish(DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")), url,
+                                            n_rows, n_parts, recomputed, skipped + pre_skipped, retried,
+                                            time.perf_counter() - t0, resumed, busy, tc))
 
     def plan(self, dataset: Any, target_token_positions: list, extraction_config: Any, saver: Any,
              **kwargs: Any) -> Any:
@@ -435,7 +456,11 @@ class DistributedExtractor:
         if directions is not None and len(directions) != n_rows:
             raise ConfigError(f"token_directions has {len(directions)} entries for the run's {n_rows} rows.")
         _probe_storage(saver)
-        self._ensure_workers()
+        run_id = run_id or _new_run_id()[0]  # allocated and logged before any model loads: resumable from here on
+        events = RunEvents("logit_lens", run_id, saver.experiment_name, saver.store.url(saver.store.root), resume,
+                           self.resume_command)
+        events.started(n_rows, None, len(records))
+        events.guard(self._ensure_workers)
         check_same_model(self._info["model_name"] if self._info else self.source.name, entry.get("model_name"))
         src_meta = manifest["metadata"]
         meta = {k: src_meta.get(k) for k in ("target_token_positions", "pivot_positions", "interventions",
@@ -451,8 +476,10 @@ class DistributedExtractor:
                                       ("logit_lens", "source_run", "distributed"))
         if resumed and writer.is_committed(new_run):  # already done: the committed run, as extract returns it
             n = len(read_marker(writer.store, run_dir(writer.store, new_run.metadata))["records"])
-            return DistributedRun(new_run.run_id, new_run.experiment, str(new_run.metadata.get("model_name")),
-                                  new_run.url, n_rows, n, 0, n, 0, time.perf_counter() - t0, True)
+            return events.finish(DistributedRun(new_run.run_id, new_run.experiment,
+                                                str(new_run.metadata.get("model_name")), new_run.url, n_rows, n, 0,
+                                                n, 0, time.perf_counter() - t0, True))
+        events.workers_ready(self._infos, new_run.url)
         job = {"run": new_run.to_dict(), "storage": self._storage(saver),
                "logit_lens": {k: v for k, v in lens.items() if k != "token_directions"}}
         src_options = dict(src_store.storage_options) if self.ship_credentials else public_options(
@@ -473,13 +500,13 @@ class DistributedExtractor:
             d = None if directions is None else list(directions[offsets[i]:offsets[i + 1]])
             return w.lens_part.remote(job_ref, source_ref, rec, d)
 
-        rows, recomputed, skipped, retried, busy = self._run_parts(submit, parts(), new_run, None)
+        rows, recomputed, skipped, retried, busy = self._run_parts(submit, parts(), new_run, None, events=events)
         tc = time.perf_counter()
-        url = self._commit(writer, new_run, len(records), n_rows)
+        url = events.guard(self._commit, writer, new_run, len(records), n_rows)
         tc = time.perf_counter() - tc
-        return DistributedRun(new_run.run_id, new_run.experiment, str(new_run.metadata.get("model_name")), url,
-                              n_rows, len(records), recomputed, skipped, retried, time.perf_counter() - t0, resumed,
-                              busy, tc)
+        return events.finish(DistributedRun(new_run.run_id, new_run.experiment,
+                                            str(new_run.metadata.get("model_name")), url, n_rows, len(records),
+                                            recomputed, skipped, retried, time.perf_counter() - t0, resumed, busy, tc))
 
     @staticmethod
     def _source_entry(run: Any, saver: Any) -> tuple[Any, dict[str, Any]]:

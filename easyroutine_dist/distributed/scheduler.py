@@ -19,12 +19,13 @@ ACTOR_ERRORS = (RayActorError, ActorUnavailableError, WorkerCrashedError)
 
 def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
              stop_after: Optional[int], bar: Any, max_in_flight: int, max_part_attempts: int,
-             max_worker_restarts: int, on_result: Optional[Callable[[dict[str, Any]], None]] = None
-             ) -> tuple[int, int, int, int, float]:
+             max_worker_restarts: int, on_result: Optional[Callable[[dict[str, Any]], None]] = None,
+             events: Any = None) -> tuple[int, int, int, int, float]:
     """Dynamic scheduling of ``parts`` over ``workers``: least-loaded first, at most ``max_in_flight`` each; a part
     lost to a worker death is redone (up to ``max_part_attempts``), and a dead worker gets no work until it
     answers a ping. Returns ``(rows, recomputed, skipped, retried, worker_seconds)``; ``bar`` counts rows;
-    ``on_result(answer)`` sees each part's answer (e.g. its self-check)."""
+    ``on_result(answer)`` sees each part's answer (e.g. its self-check); ``events`` (a ``RunEvents``) logs each
+    committed and each retried part with the index of its worker."""
     live = list(range(len(workers)))
     load = collections.Counter({w: 0 for w in live})
     recovering: dict[Any, int] = {}  # ping ref -> worker that died or is restarting
@@ -89,6 +90,8 @@ def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Itera
             if attempts[pid] >= max_part_attempts:
                 raise DistributedError(f"run {run.run_id}: partition {pid} failed {attempts[pid]} times "
                                        f"(last: {exc}); " + resume_hint()) from exc
+            if events is not None:
+                events.part_retried(w, pid, attempts[pid], max_part_attempts, exc)
             if w in live:  # no new work until it answers a ping; its other queued parts fail the same way
                 live.remove(w)
                 recovering[workers[w].ping.remote()] = w
@@ -99,6 +102,8 @@ def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Itera
                                    "cause, then " + resume_hint()) from exc
         if on_result is not None:
             on_result(res)
+        if events is not None:
+            events.part_committed(w, res)
         rows += int(res["rows"])
         bar.update(int(res["rows"]))
         busy += float(res.get("seconds", 0.0))

@@ -22,6 +22,7 @@ from .credentials import credential_fingerprint, public_options
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
 from .partitions import PartitionSpec, tokenize_batches
+from .placement import check_shared_run_dir
 from ..provenance import collect as collect_provenance
 from ..selfcheck import RunChecks
 
@@ -50,11 +51,14 @@ class ExtractionWorker:
             import ray
 
             gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+            node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else None
         except Exception:  # noqa: BLE001 - introspection only
-            gpu_ids = []
+            gpu_ids, node_id, node_ip = [], None, None
         device_map = getattr(self.model.hf_model, "hf_device_map", None)
         return {"model_name": self.model.model_name, "model_config": self.model.model_config.to_dict(),
-                "pid": os.getpid(), "node": socket.gethostname(), "gpu_ids": gpu_ids,
+                "pid": os.getpid(), "node": socket.gethostname(), "node_ip": node_ip, "node_id": node_id,
+                "gpu_ids": gpu_ids,
                 "device": str(self.model.device), "device_map": {str(k): str(v) for k, v in (device_map or {}).items()},
                 "load_seconds": self.load_seconds, "parts_done": self.parts_done,
                 "provenance": collect_provenance(self.model)}
@@ -127,6 +131,7 @@ class ExtractionWorker:
         created = writer.commit_part(run, record)  # False: another attempt won; this one's shards are dropped
         self.parts_done += 1
         return {"part_id": part_id, "rows": record["rows"] if record["rows"] else rows, "skipped": not created,
+                "bytes": sum(int(sh.get("bytes", 0)) for sh in record["shards"]) if created else 0,
                 "seconds": time.perf_counter() - t0, "pid": os.getpid(), "self_check": self_check}
 
     # ------------------------------------------------------------------ work
@@ -135,6 +140,7 @@ class ExtractionWorker:
         t0 = time.perf_counter()
         writer = self._writer(job["storage"])
         run = RunHandle.from_dict(job["run"])
+        check_shared_run_dir(writer.store, run)  # a local base_dir must be the driver's folder, shared
         done = self._existing(writer, run, part.part_id)
         if done is not None:
             return {"part_id": part.part_id, "rows": done["rows"], "skipped": True, "seconds": 0.0,
@@ -174,6 +180,7 @@ class ExtractionWorker:
 
         writer = self._writer(job["storage"])
         run = RunHandle.from_dict(job["run"])
+        check_shared_run_dir(writer.store, run)
         part_id = int(record["part_id"])
         done = self._existing(writer, run, part_id)
         if done is not None:
