@@ -42,6 +42,10 @@ class PartAlreadyCommittedError(StorageError):
     """``write_part`` found the part committed (by another attempt): nothing was written; the attempt is done."""
 
 
+class RunAlreadyCommittedError(StorageError):
+    """``commit_run`` found the run's marker already there (another driver committed it): the run is intact."""
+
+
 def record_part_ids(names: list[str]) -> list[int]:
     """Part ids of the committed records among directory entry ``names`` (temp files and strays ignored), sorted."""
     return sorted(int(m.group(1)) for m in map(_RECORD_RE.match, names) if m is not None)
@@ -240,7 +244,7 @@ class RunWriter:
 
             write_run_statistics(self.store, self._p(run), ids, records)
         if not create_exclusive(self.store, self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()):
-            raise StorageError(f"run {run.run_id} is already committed.")
+            raise RunAlreadyCommittedError(f"run {run.run_id} is already committed.")
         self.catalog.add(entry_from_metadata(run.metadata, manifest))
         return run.url
 
