@@ -23,6 +23,7 @@ from typing import Any, Iterator, overload
 import torch
 
 from ..cache import ActivationCache
+from ..slots import MASK_KEYS
 from ..errors import ConfigError, MetadataError, StorageError
 from . import layout
 from .catalog import Catalog, entry_from_metadata
@@ -389,18 +390,55 @@ def iter_parts(store: Store, entry: dict[str, Any], keys: list[str] | None = Non
     yield from _iter_parts(store, rdir, manifest, entry, keys)
 
 
+#: parts read ahead of the one being handed out by loads and ``iter_parts`` (memory: at most this many parts in
+#: flight besides the one in use); each is read by its own thread, so object-store latency overlaps
+PREFETCH_PARTS = 4
+
+
+def _read_part(store: Store, rdir: str, manifest: dict[str, Any], i: int, entry: dict[str, Any],
+               keys: list[str] | None) -> ActivationCache:
+    """Part ``i`` (in load order) of a run: its record, then its shards, verified."""
+    rec = (embedded_record(store, rdir, manifest["records"][i]) if manifest["schema_version"] == 1
+           else read_record(store, rdir, manifest_part_ids(manifest)[i]))
+    if keys is not None:
+        unknown = [k for k in keys if k not in rec["keys"] and k not in rec["info"]]
+        if unknown:
+            raise StorageError(f"run {entry['run_id']} has no keys {unknown}; it has {rec['keys']}.")
+    # a partial load keeps the validity masks: which slots are real is part of every positional key
+    wanted = None if keys is None else list(keys) + [k for k in MASK_KEYS if k in rec["keys"] and k not in keys]
+    tensors: dict[str, torch.Tensor] = {}
+    for sh in rec["shards"]:
+        tensors.update(read_shard(store, f"{rdir}/shards/{sh['file']}", sh, wanted))
+    ordered = {k: tensors[k] for k in rec["keys"] if k in tensors}
+    return ActivationCache.from_flat(ordered, rec["info"])
+
+
 def _iter_parts(store: Store, rdir: str, manifest: dict[str, Any], entry: dict[str, Any],
-                keys: list[str] | None) -> Iterator[ActivationCache]:
-    for rec in iter_records(store, rdir, manifest):
-        tensors: dict[str, torch.Tensor] = {}
-        for sh in rec["shards"]:
-            tensors.update(read_shard(store, f"{rdir}/shards/{sh['file']}", sh, keys))
-        if keys is not None:
-            unknown = [k for k in keys if k not in rec["keys"] and k not in rec["info"]]
-            if unknown:
-                raise StorageError(f"run {entry['run_id']} has no keys {unknown}; it has {rec['keys']}.")
-        ordered = {k: tensors[k] for k in rec["keys"] if k in tensors}
-        yield ActivationCache.from_flat(ordered, rec["info"])
+                keys: list[str] | None, prefetch: int = PREFETCH_PARTS) -> Iterator[ActivationCache]:
+    """Each part in load order, the next ``prefetch`` parts downloading (and verifying) in threads meanwhile."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = len(manifest["records"]) if manifest["schema_version"] == 1 else len(manifest_part_ids(manifest))
+    if n == 0:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="easyroutine-read")
+    pending: deque = deque()
+    try:
+        nxt = 0
+        while nxt < n and len(pending) < max(1, prefetch):
+            pending.append(pool.submit(_read_part, store, rdir, manifest, nxt, entry, keys))
+            nxt += 1
+        while pending:
+            part = pending.popleft().result()
+            if nxt < n:
+                pending.append(pool.submit(_read_part, store, rdir, manifest, nxt, entry, keys))
+                nxt += 1
+            yield part
+    finally:  # a consumer that stops early: drop what was read ahead
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 def load_run(store: Store, entry: dict[str, Any], keys: list[str] | None = None) -> tuple[ActivationCache, dict]:
@@ -410,7 +448,10 @@ def load_run(store: Store, entry: dict[str, Any], keys: list[str] | None = None)
     parts = list(_iter_parts(store, rdir, manifest, entry, keys))
     if not parts:
         raise StorageError(f"run {entry['run_id']} has no parts; there is nothing to load.")
-    cache = parts[0] if len(parts) == 1 else ActivationCache.concat(parts)
+    try:
+        cache = parts[0] if len(parts) == 1 else ActivationCache.concat(parts)
+    except ConfigError as exc:
+        raise StorageError(f"run {entry['run_id']}: its parts cannot be joined into one cache ({exc})") from None
     return cache, dict(manifest["metadata"])
 
 
