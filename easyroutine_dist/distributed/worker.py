@@ -19,6 +19,7 @@ from ..storage import layout
 from ..storage.fs import exists, read_bytes
 from ..storage.runs import PartAlreadyCommittedError, RunHandle, RunWriter, check_record
 from .credentials import credential_fingerprint, public_options
+from ..slots import LAYOUT_KEY, VALID_KEY, SlotLayout
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
 from .partitions import PartitionSpec, tokenize_batches
@@ -156,7 +157,8 @@ class ExtractionWorker:
         check = self._checks.once(run.run_id, job.get("self_check", "off"), self.model, batches[0],
                                   cfg) if batches else None  # "error": raises here, before anything is written
         cache = self.model.extract_cache(batches, job["target_token_positions"], extraction_config=cfg,
-                                         interventions=job.get("interventions"))
+                                         interventions=job.get("interventions"),
+                                         position_seed=int(job.get("position_seed") or 0), row_offset=part.row_start)
         meta = dict(cache.get("metadata") or {})
         for k in ("n_examples", "n_batches"):  # per-part counts would be wrong for the whole run
             meta.pop(k, None)
@@ -169,6 +171,10 @@ class ExtractionWorker:
                     del cache[k]
             for k, v in lensed.items():
                 cache[k] = v
+            layout = cache.layout()
+            if layout is not None:  # lens outputs are [rows, P, ...] on the activations' position axis
+                layout.add_keys(list(lensed))
+                cache[LAYOUT_KEY] = layout.restrict(cache.tensor_keys()).to_json()
         return self._finish(job, writer, run, part.part_id, cache, t0, part.rows, part.fingerprint, check)
 
     def lens_part(self, job: dict[str, Any], source: dict[str, Any], record: dict[str, Any],
@@ -189,9 +195,10 @@ class ExtractionWorker:
         src_writer = self._writer(source["storage"])
         lens_cfg = job["logit_lens"]
         keys = needed_keys(lens_cfg, list(record["keys"]))
+        masks = [k for k in (VALID_KEY,) if k in record["keys"]]  # which slots are real travels with the lens
         tensors: dict[str, Any] = {}
         for sh in record["shards"]:
-            tensors.update(read_shard(src_writer.store, f"{source['run_dir']}/shards/{sh['file']}", sh, keys))
+            tensors.update(read_shard(src_writer.store, f"{source['run_dir']}/shards/{sh['file']}", sh, keys + masks))
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise StorageError(f"part {part_id} of run {source['run_id']} lacks {missing}; it cannot be lensed.")
@@ -199,7 +206,13 @@ class ExtractionWorker:
         out = apply_lens(self._get_lens(), cache, lens_cfg, directions)
         if lens_cfg["keep_activations"]:
             out = {**{k: tensors[k] for k in keys}, **out}
-        info = {k: v for k, v in record["info"].items() if k in ("mapping_index", "token_dict", "metadata")}
+        out.update({k: tensors[k] for k in masks})
+        info = {k: v for k, v in record["info"].items() if k in ("mapping_index", "token_dict", "metadata",
+                                                                   LAYOUT_KEY)}
+        if LAYOUT_KEY in info:
+            layout = SlotLayout.from_json(info[LAYOUT_KEY])
+            layout.add_keys([k for k in out if k not in layout.keys])
+            info[LAYOUT_KEY] = layout.restrict(list(out)).to_json()
         flat = ActivationCache.from_flat(out, info)
         rows = int(next(iter(out.values())).shape[0])
         return self._finish(job, writer, run, part_id, flat, t0, rows)
