@@ -311,15 +311,17 @@ class DistributedExtractor:
                 other_metadata: Optional[dict[str, Any]] = None, interventions: Optional[list[Any]] = None,
                 logit_lens: Optional[dict[str, Any]] = None, run_id: Optional[str] = None, resume: bool = False,
                 text_column: str = "text", tokenizer_kwargs: Optional[dict[str, Any]] = None,
-                statistics: bool = False, self_check: str = "error",
+                position_seed: int = 0, statistics: bool = False, self_check: str = "error",
                 _inject_failure: Optional[dict[str, Any]] = None,
                 _stop_after_parts: Optional[int] = None) -> DistributedRun:
         """Extract ``dataset`` into one run of ``saver``'s storage and experiment; return a :class:`DistributedRun`.
 
         Rows are stored in dataset order, partition ``i`` holding rows ``[i*partition_size, (i+1)*partition_size)``;
         each tensor is ``[rows, P, ...]`` exactly as ``HookedModel.extract_cache`` returns it. ``resume=True`` with
-        the ``run_id`` of an interrupted run recomputes only partitions without a commit record. ``statistics=True``:
-        each worker also stores its part's per-key statistics over real slots, merged at the run commit
+        the ``run_id`` of an interrupted run recomputes only partitions without a commit record. Random position
+        specs draw from ``position_seed`` (stored in the metadata) and each row's dataset index, so they match a
+        single-process ``extract_cache(..., position_seed=...)`` of the same rows. ``statistics=True``: each worker
+        also stores its part's per-key statistics over real slots, merged at the run commit
         (``QueryResult.statistics``; docs/storage_format.md, "Statistics"). ``self_check``: each worker checks its
         first batch (``"error"``: it writes nothing when a check fails; ``"warn"``; ``"off"``); the metadata gets
         the worst check over workers and ``provenance`` (docs/provenance.md).
@@ -348,6 +350,7 @@ class DistributedExtractor:
                               "give one per row.")
         meta = {
             "target_token_positions": normalise(target_token_positions, "target_token_positions"),
+            "position_seed": int(position_seed),
             "pivot_positions": None,
             "interventions": normalise(list(interventions or []), "interventions"),
             "extraction_config": normalise(cfg, "extraction_config"),
@@ -370,8 +373,8 @@ class DistributedExtractor:
         meta["provenance"] = evidence.provenance(self._info)
         writer: RunWriter = saver.writer
         run, resumed = self._open(writer, saver.experiment_name, meta, run_id, resume,
-                                  ("target_token_positions", "interventions", "extraction_config", "logit_lens",
-                                   "distributed", "statistics"))
+                                  ("target_token_positions", "position_seed", "interventions", "extraction_config",
+                                   "logit_lens", "distributed", "statistics"))
         events.workers_ready(self._infos, run.url)
         done = set(writer.committed_part_ids(run)) if resumed else set()
         planned: Iterator[PartitionSpec] = plan.partitions(directions)
@@ -388,8 +391,8 @@ class DistributedExtractor:
                "target_token_positions": list(target_token_positions),
                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
                "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
-               "tokenizer_kwargs": tokenizer_kwargs, "statistics": bool(statistics),
-               "self_check": evidence.mode, "inject_failure": _inject_failure}
+               "tokenizer_kwargs": tokenizer_kwargs, "position_seed": int(position_seed),
+               "statistics": bool(statistics), "self_check": evidence.mode, "inject_failure": _inject_failure}
         job_ref = ray.put(job)  # shared by every task of the run
         n_parts = 0
         n_rows = 0
