@@ -9,18 +9,14 @@ Run: python benchmarks/bench_load.py [--parts 32] [--mib-per-part 4] [--reps 3].
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bench_reader import _load, _scratch  # noqa: E402 (scripts run from benchmarks/)
+from _s3 import s3_endpoint  # noqa: E402 (scripts run from benchmarks/)
+from bench_reader import _load, _scratch  # noqa: E402
 from easyroutine_dist.interpretability.activation_saver import ActivationLoader
 from easyroutine_dist.storage import runs
 from easyroutine_dist.storage.runs import RunWriter, read_marker, run_dir
@@ -67,32 +63,6 @@ def bench(label: str, q, paths: list[str], reps: int) -> None:
           f"({res['load'] / res['raw']:.2f}x) | {res['iter_parts']:.0f} ({res['iter_parts'] / res['raw']:.2f}x) |")
 
 
-@contextlib.contextmanager
-def s3_endpoint():
-    """A moto S3 server in its own process on a free loopback port (so it does not share our GIL)."""
-    import boto3
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        ep = f"http://127.0.0.1:{port}"
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench-load")
-                break
-            except Exception:  # noqa: BLE001 (server still starting)
-                time.sleep(0.2)
-        yield {"client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}
-    finally:
-        server.terminate()
-        server.wait()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", type=int, default=32)
@@ -106,7 +76,7 @@ def main() -> None:
     q, paths = make_run(_scratch("bench-load-"), None, args.parts, args.mib_per_part)
     bench("local disk (page cache)", q, paths, args.reps)
     if not args.no_s3:
-        with s3_endpoint() as opts:
+        with s3_endpoint("bench-load") as opts:
             q, paths = make_run("s3://bench-load/acts", opts, args.parts, args.mib_per_part)
             bench("S3 (moto server process)", q, paths, args.reps)
 

@@ -13,8 +13,6 @@ import argparse
 import atexit
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,30 +129,11 @@ def main() -> None:
     bench("local disk (page cache)", q, tokens, nbytes, reps)
     if args.no_s3:
         return
-    import boto3
+    from _s3 import s3_endpoint
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    # moto in its own process, so the S3 server does not share our GIL (a real S3 is not on our CPU at all)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        ep = f"http://127.0.0.1:{port}"
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
-        for _ in range(100):
-            try:
-                boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench-bucket")
-                break
-            except Exception:  # noqa: BLE001 (server still starting)
-                time.sleep(0.2)
-        opts = {"client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}
+    with s3_endpoint("bench-bucket") as opts:
         q, tokens, nbytes = make_run("s3://bench-bucket/acts", opts, parts, rows, slots, d)
         bench("S3 (moto server process)", q, tokens, nbytes, reps)
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

@@ -191,35 +191,12 @@ def main() -> None:
     print(f"| local, fsync both (durable) | {r['MB']:.0f} | {r['raw_MBps']:.0f} | {r['save_MBps']:.0f} "
           f"| {r['ratio']:.2f} | load {_load()}")
     if not args.no_s3:
-        import socket
-        import subprocess
+        from _s3 import s3_endpoint
 
-        import boto3
-
-        # moto in its own process, so the S3 server does not share our GIL (a real S3 is not on our CPU at all)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            ep = f"http://127.0.0.1:{port}"
-            os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
-            for _ in range(100):
-                try:
-                    boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="bench-bucket")
-                    break
-                except Exception:  # noqa: BLE001 (server still starting)
-                    time.sleep(0.2)
-            opts = {"key": "bench", "secret": "bench",
-                    "client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}
+        with s3_endpoint("bench-bucket") as opts:
             r = bench_write("s3://bench-bucket/acts", opts, 32 if args.quick else 128, reps)
             print(f"| s3 (moto server process, 127.0.0.1) | {r['MB']:.0f} | {r['raw_MBps']:.0f} "
                   f"| {r['save_MBps']:.0f} | {r['ratio']:.2f} | load {_load()}")
-        finally:
-            server.terminate()
-            server.wait()
     print("\n| runs | first query ms | new loader p50 ms | p50 ms, a run added before each query (tag) "
           "| p50 ms steady (tag) | p50 ms steady (3 criteria) | scan-every-run p50 ms |\n|---|---|---|---|---|---|---|")
     for n in (100, 1000, 10000):
