@@ -71,15 +71,35 @@ def check_dataset_path(spec: Any) -> None:
     if isinstance(spec, list):
         return
     path = str(_dataset_spec(spec)["path"])
+    if "://" in path:  # s3://... : checked when it is read
+        return
     looks_local = path.endswith(_FILE_SUFFIXES) or path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(f"dataset file {path!r} does not exist; {_DATASET_HELP}.")
 
 
+def _read_text(path: str) -> str:
+    """A local or remote (``s3://``: endpoint and credentials from the environment) UTF-8 text file."""
+    try:
+        if "://" in path:
+            from ..storage.fs import resolve
+
+            store = resolve(path)
+            raw = store.fs.cat_file(store.root)
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"dataset file {path!r} does not exist; {_DATASET_HELP}.") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"dataset {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+
+
 def _texts_from_json(path: str, column: str) -> list[str]:
     """Prompts of a .jsonl file (one object per line) or a .json file (a list of strings or objects)."""
-    with open(path, encoding="utf-8") as f:
-        raw = f.read()
+    raw = _read_text(path)
     if path.endswith(".jsonl"):
         items = []
         for i, line in enumerate(raw.splitlines(), start=1):
@@ -118,11 +138,7 @@ def load_dataset(spec: Any) -> Any:
     spec = _dataset_spec(spec)
     path, column = os.path.expanduser(str(spec["path"])), spec.get("text_column", "text")
     if path.endswith(".txt"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                texts = [line.rstrip("\n") for line in f if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"dataset {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+        texts = [line.rstrip("\r") for line in _read_text(path).split("\n") if line.strip()]
     elif path.endswith((".json", ".jsonl")):
         texts = _texts_from_json(path, column)
     else:

@@ -94,10 +94,11 @@ def _real_slots(cache: Any, row: int) -> Optional[list[int]]:
 
 
 def show_lens(cache: Any, row: int, plot: Path, tokenizer: Any, grid: Any = None,
-              target_key: str = "resid_out_{i}") -> list[tuple[int, str, float]]:
-    """Print the top lens token per layer at the last real position of example ``row`` and write the heatmap PNG
-    (layers x real positions). ``grid``: a computed ``(keys, ids, probs)`` (ids/probs ``[n_keys, P, k]``);
-    default: the lens results stored in the run. Returns ``[(layer, token, prob)]``."""
+              target_key: str = "resid_out_{i}", example: Optional[int] = None) -> list[tuple[int, str, float]]:
+    """Print the top lens token per layer at the last real position of example ``row`` of ``cache`` and write the
+    heatmap PNG (layers x real positions). ``grid``: a computed ``(keys, ids, probs)`` (ids/probs
+    ``[n_keys, P, k]``); default: the lens results stored in the run. ``example``: the dataset row shown in the
+    title (default ``row``). Returns ``[(layer, token, prob)]``."""
     from ..interpretability.tools import _layer_of, plot_lens_heatmap, stored_topk_grid
 
     if not 0 <= row < _rows(cache):
@@ -108,7 +109,8 @@ def show_lens(cache: Any, row: int, plot: Path, tokenizer: Any, grid: Any = None
     elif slots is not None:
         grid = (grid[0], grid[1][:, slots], grid[2][:, slots])
     keys, ids, probs = grid
-    table = Table(title=f"logit lens, example {row}, last position (top-1 per layer)")
+    shown = row if example is None else example
+    table = Table(title=f"logit lens, example {shown}, last position (top-1 per layer)")
     for col in ("layer", "top token", "prob", "top-5"):
         table.add_column(col)
     out = []
@@ -193,7 +195,7 @@ def logit_lens_cmd(
             grid = _lens_here(cache, r, name, target_key, top_k)
             console.print(f"lens computed on this machine from the stored {target_key!r} activations "
                           f"({len(grid[0])} keys)", markup=False)
-    show_lens(cache, r, plot, load_tokenizer(name), grid=grid, target_key=target_key)
+    show_lens(cache, r, plot, load_tokenizer(name), grid=grid, target_key=target_key, example=row)
 
 
 def _matching(keys: list[str], target_key: str) -> list[str]:

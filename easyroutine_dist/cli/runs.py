@@ -173,7 +173,8 @@ def find_run(loader: Any, run_id: str, experiment: Optional[str]) -> tuple[Any, 
 
 @command()
 def verify(
-    run_id: str = typer.Argument(..., help="The run to check: its run id, as query prints it."),
+    run_id: str = typer.Argument(..., help="The run to check: its run id, as query prints it, or 'latest' (the "
+                                           "most recent committed run of --experiment, or of any experiment)."),
     experiment: Optional[str] = typer.Option(None, help="The run's experiment. Default: search every experiment."),
     base_dir: str = typer.Option("./runs", help="Where the run was saved: a local folder or fsspec URL."),
     remove_orphans: bool = typer.Option(
@@ -186,6 +187,11 @@ def verify(
     from ..storage.integrity import verify_run
 
     loader = open_loader(base_dir, experiment)
+    if run_id == "latest":
+        runs = loader.query(experiment_name=experiment or ALL)
+        if not len(runs):
+            fail(f"no committed run in {loader.store.url(loader.store.root)} to verify.")
+        run_id = runs[-1]["run_id"]
     result, path = find_run(loader, run_id, experiment)
     if result is not None:
         report = result.verify(0, threads=threads, remove_orphans=remove_orphans)

@@ -133,3 +133,34 @@ def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "easyroutine_dist.cli", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "100"})
     assert out.returncode == 0 and all(re.search(rf"\b{c}\b", out.stdout) for c in COMMANDS), out.stdout
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_jsonl_and_txt_datasets_locally_and_on_s3(where, tmp_path, request, monkeypatch):
+    from easyroutine_dist.cli.jobs import load_dataset
+
+    body = {"p.jsonl": '{"text": "first prompt"}\n\n{"text": "second"}\n', "p.txt": "first prompt\n\nsecond\n",
+            "p.json": '[{"prompt": "first prompt"}, {"prompt": "second"}]'}
+    if where == "local":
+        for name, text in body.items():
+            (tmp_path / name).write_text(text)
+        base = str(tmp_path)
+    else:
+        import s3fs
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        base = request.getfixturevalue("s3_bucket_url")
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        for name, text in body.items():
+            fs.pipe_file(f"{base}/{name}", text.encode())
+    assert load_dataset(f"{base}/p.jsonl") == ["first prompt", "second"]
+    assert load_dataset(f"{base}/p.txt") == ["first prompt", "second"]
+    assert load_dataset({"path": f"{base}/p.json", "text_column": "prompt"}) == ["first prompt", "second"]
+
+
+def test_positions_flags():
+    from easyroutine_dist.cli.jobs import positions
+
+    assert positions(["last", "3", "-1", "2:5", ":3", "4:", "last-2"]) == [
+        "last", 3, -1, (2, 5), (None, 3), (4, None), "last-2"]

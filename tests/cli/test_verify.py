@@ -119,3 +119,11 @@ def test_verify_reports_an_uncommitted_run(tmp_path):
     assert out.exit_code == 1, out.output
     kinds = [line.split(":", 1)[0] for line in out.stdout.strip().splitlines()[:-1]]
     assert kinds[0] == "not-committed" and kinds.count("uncommitted") >= 1, out.stdout
+
+
+def test_verify_latest(tmp_path):
+    base = tmp_path / "runs"
+    save_run(base, "exp")
+    newest = save_run(base, "other", seed=1)
+    out = invoke("verify", "latest", "--base-dir", base)
+    assert out.exit_code == 0 and f"run {newest} is intact" in out.stdout, out.output

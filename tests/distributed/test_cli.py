@@ -299,11 +299,12 @@ def test_logit_lens_from_stored_activations(job_run, workdir, texts, hooked_ref,
     _, run_id = job_run
     png = workdir / f"lens-{where}.png"
     out = _ok(_invoke("logit-lens", "--base-dir", workdir / "runs", "--experiment", "cli-job", "--run", run_id,
-                      "--row", "1", "--compute", where, "--plot", png))
+                      "--row", "5", "--compute", where, "--plot", png))
     said = "lens computed on this machine" if where == "local" else "lens computed on the workers, stored as run"
     assert said in " ".join(out.split()), out
+    assert "logit lens, example 5," in out  # the dataset row (row 1 of the second part of 4 rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tok = hooked_ref.hf_tokenizer
     expected = [(layer, repr(tok.decode([i])), f"{p:.3f}") for layer, (i, p) in
-                enumerate(_lens_by_hand(texts[1], hooked_ref))]
+                enumerate(_lens_by_hand(texts[5], hooked_ref))]
     assert _table_rows(out) == expected, out
