@@ -26,12 +26,17 @@ _FLAGS = ("--resume", "--no-resume")
 
 
 class JobConsole(Console):
-    """A rich Console that never wraps when its output is not a terminal (job logs, pipes, files)."""
+    """A rich Console that never wraps when its output is not a terminal (job logs, pipes, files), whatever
+    ``COLUMNS`` says; an explicit ``width`` (argument or ``console.width = ...``) is kept."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._env_width = None if kwargs.get("width") is not None else self._width  # from COLUMNS, if set
 
     @property
     def size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)  # type: ignore[attr-defined]
-        if self._width is None and not self.is_terminal:
+        if not self.is_terminal and (self._width is None or self._width == self._env_width):
             return ConsoleDimensions(UNBOUNDED, size.height)
         return size
 
