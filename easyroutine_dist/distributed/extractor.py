@@ -520,7 +520,7 @@ class DistributedExtractor:
         if isinstance(run, dict) and "run_id" in run and "experiment_name" in run:
             return saver.store, run
         if isinstance(run, str):
-            found = [e for e in saver.writer.catalog.entries(None) if e["run_id"] == run]
+            found = _index.find_run(saver.store, run)  # one catalog read per experiment, not every entry
             if len(found) != 1:
                 raise ConfigError(f"run id {run!r} matches {len(found)} runs in {saver.base_dir}; pass the "
                                   "QueryResult entry instead.")

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Optional
 
 import ray
@@ -25,6 +26,7 @@ from ..errors import ConfigError
 from ..storage.catalog import Catalog
 from ..storage.fs import Store, resolve
 from ..storage.providers import register_query_provider
+from ..storage.selection import select
 from .credentials import credential_fingerprint, public_options, secret_paths
 
 INDEX_NAME = "easyroutine_dist_index"
@@ -32,6 +34,9 @@ INDEX_NAMESPACE = "easyroutine_dist"
 #: seconds a query (or a run's registration) waits for the index before going on without it: a query then reads
 #: the catalog in storage; a restarting or unreachable index costs a query at most about this
 QUERY_TIMEOUT_S = 2.0
+#: storage roots the index holds in memory at once (least recently used evicted; an evicted root reloads from
+#: storage on its next query)
+MAX_ROOTS = 8
 _LOG = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 _WARN_LOCK = threading.Lock()
@@ -58,10 +63,13 @@ class MetadataIndex:
     catalog is rebuilt when those credentials change (rotation), keeping nothing older than the current ones.
     """
 
-    def __init__(self) -> None:
-        self._catalogs: dict[str, tuple[str, Catalog]] = {}  # root key -> (credential digest, catalog)
+    def __init__(self, max_roots: int = MAX_ROOTS) -> None:
+        # root key -> (credential digest, catalog), least recently used first; at most max_roots held
+        self._catalogs: OrderedDict[str, tuple[str, Catalog]] = OrderedDict()
+        self.max_roots = max_roots
         self.started_at = time.time()
         self.registered = 0
+        self.queries = 0
 
     def _catalog(self, base_url: str, storage_options: Optional[dict[str, Any]]) -> Catalog:
         found = secret_paths(storage_options)
@@ -71,22 +79,41 @@ class MetadataIndex:
         key = root_key(base_url, storage_options)
         creds = credential_fingerprint()
         held = self._catalogs.get(key)
-        if held is None or held[0] != creds:  # first use since (re)start, or rotated credentials
+        if held is None or held[0] != creds:  # first use since (re)start or eviction, or rotated credentials
             cat = Catalog(resolve(base_url, storage_options))
-            cat.entries()
             self._catalogs[key] = (creds, cat)
-            return cat
-        return held[1]
+            while len(self._catalogs) > self.max_roots:  # least recently used first; it reloads from storage
+                self._catalogs.popitem(last=False)
+        else:
+            cat = held[1]
+        self._catalogs.move_to_end(key)
+        return cat
 
     def entries(self, base_url: str, storage_options: Optional[dict[str, Any]],
                 experiment: Optional[str]) -> list[dict[str, Any]]:
-        """Entries of one experiment (or all with None), oldest first."""
+        """Entries of one experiment (or all with None), oldest first. Ships them all: prefer :meth:`query`."""
         return self._catalog(base_url, storage_options).entries(experiment)
 
+    def query(self, base_url: str, storage_options: Optional[dict[str, Any]], experiment: Optional[str],
+              criteria: dict[str, Any]) -> dict[str, Any]:
+        """``{"count": n, "entries": [...]}``: the entries matching normalised ``criteria``, oldest first.
+
+        Evaluated here by :func:`~easyroutine_dist.storage.selection.select`, the loader's own code, so the answer
+        is the one the loader would compute and its size grows with the matches, not with the archive."""
+        self.queries += 1
+        found = select(self._catalog(base_url, storage_options), experiment, criteria)
+        return {"count": len(found), "entries": found}
+
+    def find_run(self, base_url: str, storage_options: Optional[dict[str, Any]], run_id: str,
+                 experiment: Optional[str] = None) -> list[dict[str, Any]]:
+        """The entries of run ``run_id`` (``Catalog.find_run``: one read per experiment, not one per run)."""
+        return self._catalog(base_url, storage_options).find_run(run_id, experiment)
+
     def register(self, base_url: str, storage_options: Optional[dict[str, Any]], entry: dict[str, Any]) -> int:
-        """Note a freshly committed run (its catalog entry is already in storage); returns runs in its experiment."""
+        """Note a freshly committed run (its catalog entry is already in storage) in O(1) (``Catalog.note``);
+        returns the runs of its experiment held in memory."""
         self.registered += 1
-        return len(self._catalog(base_url, storage_options).entries(entry["experiment_name"]))
+        return self._catalog(base_url, storage_options).note(entry)
 
     def rebuild(self, base_url: str, storage_options: Optional[dict[str, Any]]) -> int:
         """Rescan the run markers of a root (``Catalog.rebuild``); returns the number of runs."""
@@ -95,7 +122,7 @@ class MetadataIndex:
     def status(self) -> dict[str, Any]:
         roots = sorted({json.loads(k)[0] for k in self._catalogs})
         return {"pid": os.getpid(), "started_at": self.started_at, "roots": roots,
-                "registered": self.registered}
+                "registered": self.registered, "queries": self.queries, "max_roots": self.max_roots}
 
 
 def root_key(base_url: str, storage_options: Optional[dict[str, Any]]) -> str:
@@ -143,7 +170,20 @@ def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_T
     return True
 
 
-def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[dict[str, Any]]]:
+def _query_provider(store: Store, experiment: Optional[str],
+                    criteria: Optional[dict[str, Any]] = None) -> Optional[list[dict[str, Any]]]:
+    """The entries matching ``criteria`` (None: all), evaluated inside the index; None when it cannot answer."""
+    answer = _ask("query", store, experiment, dict(criteria or {}))
+    return None if answer is None else answer["entries"]
+
+
+def find_run(store: Store, run_id: str, experiment: Optional[str] = None) -> list[dict[str, Any]]:
+    """The catalog entries of ``run_id``: from the index when it answers, else one catalog read per experiment."""
+    found = _ask("find_run", store, run_id, experiment)
+    return Catalog(store).find_run(run_id, experiment) if found is None else found
+
+
+def _ask(method: str, store: Store, *args: Any) -> Any:
     key = store_key(store)
     if key is None or not ray.is_initialized() or secret_paths(store.storage_options):
         return None  # a caller with its own secrets reads the catalog itself: they never reach the index
@@ -153,8 +193,8 @@ def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[di
             index = get_index(create=False)
             if index is None:
                 return None
-            entries = ray.get(index.entries.remote(key, public_options(store.storage_options), experiment),
-                              timeout=max(0.1, deadline - time.monotonic()))
+            answer = ray.get(getattr(index, method).remote(key, public_options(store.storage_options), *args),
+                             timeout=max(0.1, deadline - time.monotonic()))
         except (ActorUnavailableError, RayActorError) as exc:
             if time.monotonic() + 0.2 < deadline:
                 time.sleep(0.2)  # killed or restarting (max_restarts=-1): ask the new incarnation
@@ -167,7 +207,7 @@ def _query_provider(store: Store, experiment: Optional[str]) -> Optional[list[di
                        "storage instead", type(exc).__name__, exc)
             return None
         _answered()
-        return entries
+        return answer
 
 
 def index_reachable() -> bool:

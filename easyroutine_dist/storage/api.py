@@ -15,6 +15,8 @@ from .fs import Store, resolve
 from .providers import provided_entries
 from .query import build_criteria, compile_criteria, jsonable, normalise
 from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
+from .shards import DEFAULT_CHECKSUM, check_checksum
+from .selection import candidates, select
 
 ALL_EXPERIMENTS = "*"
 _LOG = logging.getLogger(__name__)
@@ -55,20 +57,26 @@ def _model_config_summary(cfg: Any) -> Any:
 
 
 class ActivationSaver:
-    """Saves activations with metadata under ``base_dir/<experiment>`` (local path or fsspec URL)."""
+    """Saves activations with metadata under ``base_dir/<experiment>`` (local path or fsspec URL).
+
+    ``checksum``: digest of the shards, ``"crc32c"`` (default, hardware-accelerated) or ``"sha256"``.
+    """
 
     exp_name = compat.exp_name_alias
 
     def __init__(self, base_dir: Union[Path, str], experiment_name: str = "default",
-                 storage_options: Optional[dict] = None, max_shard_bytes: Optional[int] = None) -> None:
+                 storage_options: Optional[dict] = None, max_shard_bytes: Optional[int] = None,
+                 checksum: str = DEFAULT_CHECKSUM) -> None:
+        check_checksum(checksum)  # before anything is resolved or written
         store = resolve(base_dir, storage_options)
-        self._init(store, experiment_name, max_shard_bytes)
+        self._init(store, experiment_name, max_shard_bytes, checksum)
 
-    def _init(self, store: Store, experiment_name: str, max_shard_bytes: Optional[int]) -> None:
+    def _init(self, store: Store, experiment_name: str, max_shard_bytes: Optional[int],
+              checksum: str = DEFAULT_CHECKSUM) -> None:
         self.experiment_name = layout.check_experiment(experiment_name)
         self.store = store
         kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        self.writer = RunWriter(store, **kw)
+        self.writer = RunWriter(store, checksum=checksum, **kw)
         self.base_dir = compat.location(store, store.url(store.root))  # a Path on local disk
 
     @classmethod
@@ -315,13 +323,13 @@ class ActivationLoader:
                               provenance=provenance)
         exp = experiment_name or self.experiment_name
         scope = None if exp == ALL_EXPERIMENTS else exp
-        entries = provided = provided_entries(self.store, scope)  # e.g. the Ray index actor, when reachable
-        if entries is not None:
-            entries = _valid_entries(entries, "a query provider")
+        # e.g. the Ray index actor, when reachable: it runs selection.select itself and sends only the matches
+        provided = provided_entries(self.store, scope, crit)
+        if provided is not None:
+            pred = compile_criteria(crit)  # the same predicate again: cheap on the matches, and a provider's
+            found = [e for e in _valid_entries(provided, "a query provider") if pred(e)]  # answer is never trusted
         else:
-            entries = self._indexed(scope, crit)
-        pred = compile_criteria(crit)
-        found = [e for e in entries if pred(e)]
+            found = select(self.catalog, scope, crit)
         if not found and provided is None:  # looked in the wrong place? one WARNING line says where it looked
             from .hints import where_problem
 
@@ -332,18 +340,7 @@ class ActivationLoader:
 
     def _indexed(self, scope: Optional[str], crit: dict[str, Any]) -> list[dict[str, Any]]:
         """Candidate entries: from the catalog's equality index on one exact criterion when there is one."""
-        if scope is not None:
-            found = None
-            if "tag" in crit:
-                found = self.catalog.lookup(scope, "tag", crit["tag"])
-            elif crit.get("custom_keys"):
-                key, value = next(iter(crit["custom_keys"].items()))
-                found = self.catalog.lookup(scope, "other_metadata", value, subkey=key)
-            elif "model_name" in crit:
-                found = self.catalog.lookup(scope, "model_name", crit["model_name"])
-            if found is not None:
-                return found
-        return self.catalog.entries(scope)
+        return candidates(self.catalog, scope, crit)
 
     def rebuild_catalog(self) -> int:
         """Rebuild the catalog from the run markers in storage; returns the number of runs found."""

@@ -3,9 +3,10 @@
 * One small JSON entry per committed run at ``_catalog/<experiment>/<run_id>.json``, written right after the run
   marker. Entries are immutable and named by run id, so concurrent writers never read-modify-write a shared file
   and cannot lose each other's runs.
-* The listing of ``_catalog/<experiment>/`` is authoritative. Entry contents are cached in memory and in a
-  compacted snapshot ``_catalog/_snapshots/<experiment>.json``; the snapshot is only a cache of contents (a stale or
-  missing one costs time, never correctness).
+* The listing of ``_catalog/<experiment>/`` is authoritative. Entry contents are cached in memory and in an
+  incremental snapshot under ``_catalog/_snapshots/<experiment>/`` (append-only segments, compacted rarely by one
+  writer at a time: :mod:`.snapshots`); the snapshot is only a cache of contents (a stale or missing one costs
+  time, never correctness).
 * ``rebuild()`` rescans every run marker and rewrites the entries: the catalog is always derivable from the runs.
   It never removes the entry of a run whose marker exists (a run committed while it scanned included).
 * Nothing read back is trusted as a path: an entry (or snapshot entry) whose experiment, run id or model name is
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import MetadataError, StorageError
-from . import layout
+from . import layout, snapshots
 from .fs import ObjectNotFoundError, Store, exists, list_names, read_bytes, remove, retrying, write_bytes
 
 _LOG = logging.getLogger(__name__)
@@ -43,8 +45,9 @@ class Catalog:
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, dict[str, Any]]] = {}  # experiment -> {file name: entry}
         self._snap_loaded: set[str] = set()
+        self._segments: dict[str, dict[str, int]] = {}  # experiment -> {snapshot segment: entries} known
         # experiment -> (listed names, sorted entries, directory mtime before listing, listing time)
-        self._listing: dict[str, tuple[list[str], list[dict[str, Any]], int | None, int]] = {}
+        self._listing: dict[str, tuple[set[str], list[dict[str, Any]], int | None, int]] = {}
         # experiment -> (the sorted entry list it was built from, {(field, subkey): {json value: entries}})
         self._index: dict[str, tuple[list[dict[str, Any]], dict[tuple[str, str | None], dict[str, list]]]] = {}
         self._warned: set[str] = set()  # files already warned about (one WARNING per file and cause)
@@ -76,11 +79,56 @@ class Catalog:
         """Register a committed run (idempotent: the entry is named by its run id)."""
         exp = layout.check_experiment(entry["experiment_name"])
         run_id = layout.check_run_id(entry["run_id"])
-        write_bytes(self.store, self.store.path(layout.CATALOG_DIR, exp, f"{run_id}.json"),
-                    json.dumps(entry, sort_keys=True).encode())
+        path = self.store.path(layout.CATALOG_DIR, exp, f"{run_id}.json")
+        body = json.dumps(entry, sort_keys=True).encode()
+        retrying(lambda: write_bytes(self.store, path, body), f"writing {self.store.url(path)}", write=True)
         with self._lock:
             self._cache.setdefault(exp, {})[f"{run_id}.json"] = entry
             self._listing.pop(exp, None)
+
+    def note(self, entry: dict[str, Any]) -> int:
+        """Take a run whose entry is already in storage (written by its committer) into memory, in O(1) time.
+
+        The next query needs no read of it: the cached listing, sorted entries and equality indexes are extended
+        in place. Returns the number of runs of its experiment known in memory."""
+        layout.check_entry(entry)
+        exp, name = entry["experiment_name"], f"{entry['run_id']}.json"
+        with self._lock:
+            cache = self._cache.setdefault(exp, {})
+            if name in cache:
+                return len(cache)
+            cache[name] = entry
+            last = self._listing.get(exp)
+            if last is not None:
+                names, current = last[0], last[1]
+                names.add(name)
+                if current and _order(entry) < _order(current[-1]):
+                    bisect.insort(current, entry, key=_order)
+                else:
+                    current.append(entry)
+                state = self._index.get(exp)
+                if state is not None and state[0] is current:
+                    for (field, sub), table in state[1].items():
+                        _index_into(table, [entry], field, sub, copy_lists=True)
+            return len(cache)
+
+    def find_run(self, run_id: str, experiment: Optional[str] = None) -> list[dict[str, Any]]:
+        """The entries of run ``run_id`` (one, or none): one read per experiment searched, not one per run."""
+        try:
+            layout.check_run_id(run_id)
+        except MetadataError:
+            return []  # not a run id: no run has it
+        exps = [layout.check_experiment(experiment)] if experiment is not None else self.experiments()
+        name = f"{run_id}.json"
+        found = []
+        for exp in exps:
+            with self._lock:
+                entry = self._cache.get(exp, {}).get(name)
+            if entry is None or not exists(self.store, self.store.path(layout.CATALOG_DIR, exp, name)):
+                entry = self._read_entry(exp, name)
+            if entry is not None:
+                found.append(entry)
+        return found
 
     def discard(self, experiment: str, run_id: str) -> None:
         """Drop a run's entry (used when a run is removed or moved)."""
@@ -119,10 +167,9 @@ class Catalog:
                 state = (current, {})
                 self._index[experiment] = state
             table = state[1].get((field, subkey))
-        if table is None:
-            table = {}
-            _index_into(table, current, field, subkey)
-            with self._lock:
+            if table is None:  # built under the lock: note() may extend `current` meanwhile
+                table = {}
+                _index_into(table, current, field, subkey)
                 state[1][(field, subkey)] = table
         found = table.get(_ikey(value), [])
         return sorted(found, key=_order) if len(found) > 1 else list(found)
@@ -180,6 +227,7 @@ class Catalog:
         with self._lock:
             self._cache.clear()
             self._snap_loaded.clear()
+            self._segments.clear()
             self._listing.clear()
         return n
 
@@ -281,12 +329,13 @@ class Catalog:
             if last is not None and mtime is not None and last[2] == mtime and last[3] - mtime > MTIME_MARGIN_NS:
                 return last[1]
         listed_at = time.time_ns()
-        names = retrying(lambda: list_names(self.store, self._dir(exp)), f"listing {self.store.url(self._dir(exp))}")
+        names = set(retrying(lambda: list_names(self.store, self._dir(exp)),
+                             f"listing {self.store.url(self._dir(exp))}"))
         with self._lock:
+            last = self._listing.get(exp)
             if last is not None and last[0] == names:
                 self._listing[exp] = (names, last[1], mtime, listed_at)
                 return last[1]  # directory unchanged since the last query: reuse the sorted entries
-            last = self._listing.get(exp)
             cache = self._cache.setdefault(exp, {})
             wanted = [n for n in names if n.endswith(".json") and ".tmp-" not in n]
             missing = [n for n in wanted if n not in cache]
@@ -333,35 +382,38 @@ class Catalog:
                 current = sorted((cache[n] for n in wanted if n in cache), key=_order)
             if len(current) == len(wanted):  # every listed entry is known: safe to reuse for this listing
                 self._listing[exp] = (names, current, mtime, listed_at)
-            snapshot = dict(cache) if len(fresh) >= COMPACT_AFTER else None
+            snapshot = fresh if len(fresh) >= COMPACT_AFTER else None
         if snapshot is not None:
             self._write_snapshot(exp, snapshot)
         return current
 
-    def _read_snapshot(self, exp: str) -> dict[str, dict[str, Any]]:
-        """The snapshot's entries that are valid (others skipped with a WARNING naming the snapshot)."""
-        path = self._snapshot_path(exp)
-        try:
-            data = json.loads(read_bytes(self.store, path))
-            entries = dict(data.get("entries", {}))
-        except (StorageError, ValueError, AttributeError, TypeError):
-            return {}  # no snapshot (or a damaged one): entries are read individually
-        out = {}
-        for name, entry in entries.items():
-            run_id = name[: -len(".json")] if isinstance(name, str) and name.endswith(".json") else None
-            problem = _entry_problem(entry, exp, run_id) if run_id else f"{name!r} is not '<run id>.json'"
-            if problem:
-                self._warn(f"{path}:{name}:{problem}", "catalog snapshot %s: skipping entry %r: %s",
-                           self.store.url(path), name, problem)
-            else:
-                out[name] = entry
-        return out
+    def _valid_snapshot_entry(self, name: Any, entry: Any, where: str, exp: str) -> bool:
+        run_id = name[: -len(".json")] if isinstance(name, str) and name.endswith(".json") else None
+        problem = _entry_problem(entry, exp, run_id) if run_id else f"{name!r} is not '<run id>.json'"
+        if problem:
+            self._warn(f"{where}:{name}:{problem}", "catalog snapshot %s: skipping entry %r: %s", where, name, problem)
+        return not problem
 
-    def _write_snapshot(self, exp: str, entries: dict[str, dict[str, Any]]) -> None:
-        try:
-            write_bytes(self.store, self._snapshot_path(exp), json.dumps({"entries": entries}).encode())
-        except StorageError:
-            pass  # the snapshot is a cache; failing to write it costs speed only
+    def _read_snapshot(self, exp: str) -> dict[str, dict[str, Any]]:
+        """The snapshot's entries that are valid (others skipped with a WARNING naming the snapshot file)."""
+        entries, sizes = snapshots.read(self.store, exp, lambda n, e, w: self._valid_snapshot_entry(n, e, w, exp))
+        self._segments[exp] = sizes  # (called with self._lock held)
+        return entries
+
+    def _write_snapshot(self, exp: str, fresh: dict[str, dict[str, Any]]) -> None:
+        """Append the entries read one by one as a new segment; compact when there are too many segments."""
+        name = snapshots.append(self.store, exp, fresh)
+        with self._lock:
+            sizes = dict(self._segments.setdefault(exp, {}))
+            if name is not None:
+                sizes[name] = len(fresh)
+                self._segments[exp][name] = len(fresh)
+        if snapshots.plan(sizes):
+            done = snapshots.compact(self.store, exp, sizes,
+                                     lambda n, e, w: self._valid_snapshot_entry(n, e, w, exp))
+            if done is not None:
+                with self._lock:
+                    self._segments[exp] = done
 
 
 _UNINDEXABLE = object()

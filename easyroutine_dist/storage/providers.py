@@ -7,14 +7,16 @@ down, other storage root), and the loader then reads the catalog in storage as u
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from typing import Any, Callable, Optional
 
 from .fs import Store
 
-#: ``provider(store, experiment or None for all) -> entries (oldest first) | None``
-QueryProvider = Callable[[Store, Optional[str]], Optional[list[dict[str, Any]]]]
+#: ``provider(store, experiment or None for all, criteria) -> matching entries (oldest first) | None``; criteria
+#: are normalised (``query.build_criteria``) and evaluated with ``selection.select``, as the loader would
+QueryProvider = Callable[[Store, Optional[str], dict[str, Any]], Optional[list[dict[str, Any]]]]
 
 _LOCK = threading.Lock()
 _PROVIDERS: dict[str, QueryProvider] = {}
@@ -33,8 +35,10 @@ def unregister_query_provider(name: str) -> None:
         _PROVIDERS.pop(name, None)
 
 
-def provided_entries(store: Store, experiment: Optional[str]) -> Optional[list[dict[str, Any]]]:
-    """Entries from the first provider that answers, or None when none does (read the catalog then).
+def provided_entries(store: Store, experiment: Optional[str],
+                     criteria: Optional[dict[str, Any]] = None) -> Optional[list[dict[str, Any]]]:
+    """Entries matching ``criteria`` (None or {}: all) from the first provider that answers, or None when none does
+    (read the catalog then).
 
     A provider that raises is treated as declining (a broken index must never make a query fail), with a WARNING
     the first time each provider fails with each kind of error.
@@ -43,7 +47,10 @@ def provided_entries(store: Store, experiment: Optional[str]) -> Optional[list[d
         providers = list(_PROVIDERS.items())
     for name, provider in providers:
         try:
-            entries = provider(store, experiment)
+            if _takes_criteria(provider):
+                entries = provider(store, experiment, dict(criteria or {}))
+            else:  # a provider written before criteria were sent: all entries (the loader filters them)
+                entries = provider(store, experiment)
         except Exception as exc:  # noqa: BLE001 - fall back to the catalog, which is always authoritative
             cause = (name, type(exc).__name__)
             with _LOCK:
@@ -55,3 +62,13 @@ def provided_entries(store: Store, experiment: Optional[str]) -> Optional[list[d
         if entries is not None:
             return entries
     return None
+
+
+def _takes_criteria(provider: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(provider).bind(None, None, {})
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): assume the current protocol
+        return True
+    return True

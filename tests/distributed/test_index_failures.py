@@ -27,6 +27,8 @@ class _Method:
 
 class _Index:
     entries = _Method()
+    query = _Method()  # issue 10: queries are evaluated inside the index
+    find_run = _Method()
     register = _Method()
 
 
