@@ -15,12 +15,13 @@ LOG_FORMATS = ("plain", "json")
 
 
 class PlainFormatter(logging.Formatter):
-    """The message alone (``warning: ...`` for warnings and errors), on one line that nothing wraps."""
+    """The message alone (``WARNING: ...`` / ``ERROR: ...`` for those levels, unlike the CLI's own final ``error:``
+    line), on one line that nothing wraps."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
         if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
+            text = f"{record.levelname}: {text}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

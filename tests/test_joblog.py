@@ -20,7 +20,7 @@ def test_plain_and_json_formats_of_other_records():
     for h in (log_handler("plain", out_plain), log_handler("json", out_json)):
         log.addHandler(h)
     log.warning("part %d of run %s: %s", 3, "r1", "x" * 300)
-    assert out_plain.getvalue() == f"warning: part 3 of run r1: {'x' * 300}\n"
+    assert out_plain.getvalue() == f"WARNING: part 3 of run r1: {'x' * 300}\n"
     body = json.loads(out_json.getvalue())
     assert body["event"] == "log" and body["level"] == "warning" and body["message"].endswith("x" * 300)
     from easyroutine_dist.errors import ConfigError

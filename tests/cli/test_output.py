@@ -81,7 +81,7 @@ def test_log_format_json_and_plain(monkeypatch, capsys):
         log.warning("x" * 200)
         out, err = capsys.readouterr()
         assert json.loads(out)["message"] == "hello json"  # JSON on stdout
-        assert err == f"warning: {'x' * 200}\n"  # plain on stderr, one line
+        assert err == f"WARNING: {'x' * 200}\n"  # plain on stderr, one line
         handlers = [h for h in logging.getLogger("easyroutine_dist").handlers if getattr(h, "_easyroutine_cli", 0)]
         assert len(handlers) == 1  # replaced, not stacked
     finally:
