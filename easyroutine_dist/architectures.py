@@ -2,8 +2,9 @@
 
 Module paths are relative to the HF model (``layers``, ``final_norm``, ``unembed``, ``embed``) or to one decoder
 layer (everything else). Adding an architecture means adding one entry with ``register`` and one tiny config to the
-test matrix. A model whose ``model_type`` is not here, or whose config uses a feature the entry does not handle, is
-refused with UnsupportedArchitectureError instead of being silently mis-hooked.
+test matrix. A model whose config uses a feature the entry does not handle is refused with
+UnsupportedArchitectureError instead of being silently mis-hooked; a ``model_type`` that is not here gets an entry
+inferred from its module tree (``infer_arch``), accepted only by proof (the load-time oracles), else refused.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def _find(tree: nn.Module, config: Any) -> tuple[dict[str, Any], list[str]]:
     lists = [n for n, m in tree.named_modules()
              if isinstance(m, nn.ModuleList) and n_layers and len(m) == n_layers and len(m) and _child(m[0], _ATTN)]
     if len(lists) != 1:
-        missing.append(f"one list of {n_layers} decoder layers with a {'/'.join(_ATTN)} child (found {lists or 'none'})")
+        missing.append(f"one list of {n_layers} decoder layers with a {'/'.join(_ATTN)} child "
+                       f"(found {lists or 'none'})")
         return found, missing
     found["layers"] = layers = lists[0]
     layer = tree.get_submodule(layers)[0]
@@ -212,7 +213,8 @@ def infer_spec(config: Any, model: nn.Module | None = None) -> ArchSpec:
     if missing:
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not in the registry, and its module tree is not the standard decoder "
-            f"layout an entry can be inferred from: missing {'; '.join(missing)}. " + _how_to_register(model_type, found))
+            f"layout an entry can be inferred from: missing {'; '.join(missing)}. "
+            + _how_to_register(model_type, found))
     if model is not None:
         norm = tree.get_submodule(found["final_norm"])
         eps = _norm_eps(norm, config, found["norm_eps_attr"])

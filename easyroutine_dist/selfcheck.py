@@ -79,7 +79,7 @@ def _rows(batch: Any) -> tuple[list[torch.Tensor], str]:
     return rows, side
 
 
-def sample(batch: Any, tokenizer: Any = None, max_tokens: int = MAX_TOKENS
+def sample(batch: Any, tokenizer: Any = None, max_tokens: Optional[int] = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two rows of ``batch`` padded together: ``(input_ids [2, s], attention_mask [2, s], short row [n])``.
 
@@ -87,6 +87,7 @@ def sample(batch: Any, tokenizer: Any = None, max_tokens: int = MAX_TOKENS
     padded one, is the shortest other row's first tokens, cut to about ``s / 2`` when it is not shorter. They are
     padded on the batch's side (else the tokenizer's, else left) with the tokenizer's pad id (else 0).
     """
+    max_tokens = MAX_TOKENS if max_tokens is None else int(max_tokens)
     rows, side = _rows(batch)
     i_long = max(range(len(rows)), key=lambda i: len(rows[i]))
     longest = rows[i_long][:max_tokens]

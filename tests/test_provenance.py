@@ -141,7 +141,8 @@ def test_gguf_fingerprint_is_the_header(tmp_path):
     assert model_fingerprint(tmp_path / "same", {"gguf_file": "m.gguf"}) == fp
     (tmp_path / "other").mkdir()
     _write_gguf(tmp_path / "other" / "m.gguf", "tinY")  # one metadata character
-    assert model_fingerprint(tmp_path / "other", {"gguf_file": "m.gguf"})["model_fingerprint"] != fp["model_fingerprint"]
+    other = model_fingerprint(tmp_path / "other", {"gguf_file": "m.gguf"})
+    assert other["model_fingerprint"] != fp["model_fingerprint"]
 
 
 def test_hub_fingerprint_is_the_snapshot_commit(tmp_path):
