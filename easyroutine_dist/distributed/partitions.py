@@ -18,10 +18,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..storage.layout import check_part_id
+from ..storage.layout import MAX_PARTS, check_part_id
 
-#: the largest number of partitions one run may have (part ids are 5 digits in shard names)
-MAX_PARTITIONS = 100_000
+#: the largest number of partitions one run may have (part ids are padded to 5 digits in names, up to 7)
+MAX_PARTITIONS = MAX_PARTS  # 10**7 (issue 10): part ids and names go that far
 #: how part fingerprints are computed (stored in the run metadata; a change refuses resuming older runs)
 FINGERPRINT_VERSION = "sha256-v1"
 

@@ -28,7 +28,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@ -]{0,199}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._+=@-]+$")
 _RUN_ID_RE = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}-\d{6}_[0-9a-f]{8}$")
 #: shard file names: ``part-PPPPP-SSSS-<attempt>.safetensors``; runs written before attempts had no ``-<attempt>``
-_SHARD_RE = re.compile(r"^part-(\d{5})-(\d{4})(?:-[0-9a-f]{16})?\.safetensors$")
+_SHARD_RE = re.compile(r"^part-(\d{5,7})-(\d{4})(?:-[0-9a-f]{16})?\.safetensors$")
+#: part ids are in [0, MAX_PARTS): names pad them to 5 digits (runs written before issue 10 have 5), up to 7
+MAX_PARTS = 10_000_000
 _ATTEMPT_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
@@ -113,6 +115,9 @@ def check_shard_file(name: object, part_id: int | None = None) -> str:
         raise MetadataError(f"shard file name {name!r} is not allowed: expected 'part-PPPPP-SSSS-<16 hex>.safetensors'"
                             " (or 'part-PPPPP-SSSS.safetensors'); a name read back from storage is never used as a "
                             "path unless it matches.")
+    if m.group(1) != f"{int(m.group(1)):05d}":  # one name per part: part-012345 would alias part-12345
+        raise MetadataError(f"shard file name {name!r} is not allowed: its part id is not written as this layout "
+                            "writes it (5 digits, more only when needed).")
     if part_id is not None and int(m.group(1)) != part_id:
         raise MetadataError(f"shard file {name!r} does not belong to part {part_id}.")
     return name
@@ -134,6 +139,6 @@ def record_name(part_id: int) -> str:
 
 
 def check_part_id(part_id: object) -> int:
-    if not isinstance(part_id, int) or isinstance(part_id, bool) or not 0 <= part_id < 100_000:
-        raise MetadataError(f"part id {part_id!r} must be an int in [0, 100000).")
+    if not isinstance(part_id, int) or isinstance(part_id, bool) or not 0 <= part_id < MAX_PARTS:
+        raise MetadataError(f"part id {part_id!r} must be an int in [0, {MAX_PARTS}).")
     return part_id
