@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -25,10 +26,77 @@ _T = TypeVar("_T")
 #: back-off between them (doubled each time): 4 attempts wait 0.05 + 0.1 + 0.2 s at most
 READ_ATTEMPTS = 4
 RETRY_DELAY_S = 0.05
+#: writes and commits (shards, part records, run markers, catalog entries): more attempts and a longer back-off,
+#: so that a store that throttles (503 SlowDown) or is unreachable for ~10 s does not fail a partition. Each wait is
+#: ``min(RETRY_MAX_DELAY_S, WRITE_RETRY_DELAY_S * 2**i)`` times a random factor in [0.5, 1] (jitter): at most
+#: 0.2 + 0.4 + 0.8 + 1.6 + 3.2 + 5 + 5 = 16.2 s of waiting over 8 attempts
+WRITE_ATTEMPTS = 8
+WRITE_RETRY_DELAY_S = 0.2
+RETRY_MAX_DELAY_S = 5.0
+
+#: error codes and messages that no retry can fix: the run fails at once with :class:`StorageAccessError`
+_FATAL_MARKERS = ("AccessDenied", "Access Denied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                  "InvalidToken", "TokenRefreshRequired", "NoSuchBucket", "bucket does not exist",
+                  "AllAccessDisabled", "Unable to locate credentials", "NoCredentialsError", "InvalidBucketName")
 
 
 class ObjectNotFoundError(StorageError):
     """The object does not exist (as opposed to a read that failed: see :func:`retrying`)."""
+
+
+class StorageAccessError(StorageError):
+    """Storage refused the call for a reason no retry can fix (access denied, missing bucket, bad or missing
+    credentials): raised at once, never retried, and a distributed run gives up instead of re-queueing."""
+
+
+class StorageUnavailableError(StorageError):
+    """A storage call still failed after every retry (throttling, resets, timeouts, an outage): transient by
+    nature, so a distributed run re-queues the partition (bounded attempts) like a worker death."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out and len(out) < 16:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return out
+
+
+def is_fatal(exc: BaseException, write: bool = False) -> bool:
+    """True when ``exc`` (or what caused it) is an error that retrying cannot fix: a permission error, an error code
+    or message of :data:`_FATAL_MARKERS`, or, for a write, a missing bucket/directory (FileNotFoundError)."""
+    for e in _chain(exc):
+        if isinstance(e, PermissionError) or (write and isinstance(e, FileNotFoundError)):
+            return True
+        text = f"{type(e).__name__}: {e}"
+        if any(m in text for m in _FATAL_MARKERS):
+            return True
+    return False
+
+
+#: exception modules of the S3 client stack whose errors are storage errors (not programming errors)
+_IO_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "asyncio", "socket", "ssl")
+
+
+def as_storage_error(exc: BaseException, what: str) -> BaseException:
+    """``exc`` as a StorageError saying ``what`` failed when it is an I/O error (OSError, a timeout, an error of
+    the S3 client stack); any other exception is returned unchanged (re-raised as it is)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.split(".")[0] in _IO_MODULES:
+        return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+    return exc
+
+
+def _reraise(exc: BaseException, what: str) -> None:
+    """Raise ``exc`` as a StorageError (:func:`as_storage_error`) when it is an I/O error; else return."""
+    err = as_storage_error(exc, what)
+    if err is not exc:
+        raise err from exc
+
+
+def _backoff(i: int, base: float) -> float:
+    return min(RETRY_MAX_DELAY_S, base * 2**i) * random.uniform(0.5, 1.0)
 
 
 _MEMORY_LOCK = threading.Lock()  # memory:// is one process; a lock makes its exclusive create exact
@@ -140,22 +208,38 @@ def make_dirs(store: Store, directory: str) -> None:
         sync_dir(store, os.path.dirname(created))
 
 
-def retrying(fn: Callable[[], _T], what: str, attempts: int | None = None) -> _T:
-    """``fn()``, retried with a short exponential back-off when it raises StorageError for another reason than
-    "not found" (a transient 503, a reset connection). ObjectNotFoundError, and the last failure, propagate."""
-    n = READ_ATTEMPTS if attempts is None else attempts
-    delay = RETRY_DELAY_S
+def retrying(fn: Callable[[], _T], what: str, attempts: int | None = None, *, write: bool = False) -> _T:
+    """``fn()``, retried with exponential back-off and jitter (bounded: see :data:`WRITE_ATTEMPTS`) when it raises
+    StorageError for a transient reason (a 503 SlowDown, a reset connection, a timeout, an outage).
+
+    ObjectNotFoundError propagates at once; errors no retry can fix (:func:`is_fatal`) raise StorageAccessError at
+    once. Reads (``write=False``: :data:`READ_ATTEMPTS`, short waits) re-raise their last failure; writes and
+    commits (``write=True``) raise StorageUnavailableError after :data:`WRITE_ATTEMPTS`. A retried write must be
+    idempotent (a whole object replaced, or an exclusive create whose loser compares what won).
+    """
+    n = (WRITE_ATTEMPTS if write else READ_ATTEMPTS) if attempts is None else attempts
+    base = WRITE_RETRY_DELAY_S if write else RETRY_DELAY_S
+    t0 = time.monotonic()
     for i in range(n):
         try:
             return fn()
-        except ObjectNotFoundError:
+        except (ObjectNotFoundError, StorageAccessError):
             raise
         except StorageError as exc:
+            if is_fatal(exc, write):
+                raise StorageAccessError(f"{what}: {exc} -- storage refused the call and retrying cannot fix it; "
+                                         "check the bucket name, its permissions and the credentials of this "
+                                         "process (AWS_* variables or storage_options).") from exc
             if i == n - 1:
-                raise
-            _LOG.debug("%s failed (%s); retrying in %.2f s", what, exc, delay)
+                if not write:
+                    raise
+                raise StorageUnavailableError(f"{what}: still failing after {n} attempts over "
+                                              f"{time.monotonic() - t0:.1f} s ({exc}); the store is throttling "
+                                              "or unreachable.") from exc
+            delay = _backoff(i, base)
+            _LOG.log(logging.WARNING if write else logging.DEBUG, "%s failed (%s); attempt %d of %d in %.2f s",
+                     what, exc, i + 2, n, delay)
             time.sleep(delay)
-            delay *= 2
     raise AssertionError("unreachable")
 
 
@@ -176,8 +260,11 @@ def write_bytes(store: Store, path: str, data: bytes) -> None:
                     os.unlink(tmp)
         else:
             store.fs.pipe_file(path, data)  # object stores / memory: the object appears whole
-    except OSError as exc:
-        raise StorageError(f"cannot write {store.url(path)}: {exc}") from exc
+    except Exception as exc:
+        err = as_storage_error(exc, f"cannot write {store.url(path)}")
+        if err is exc:
+            raise
+        raise err from exc
 
 
 def create_exclusive(store: Store, path: str, data: bytes) -> bool:
@@ -215,8 +302,11 @@ def create_exclusive(store: Store, path: str, data: bytes) -> bool:
             return False
         store.fs.pipe_file(path, data)
         return True
-    except OSError as exc:
-        raise StorageError(f"cannot create {store.url(path)}: {exc}") from exc
+    except Exception as exc:
+        err = as_storage_error(exc, f"cannot create {store.url(path)}")
+        if err is exc:
+            raise
+        raise err from exc
 
 
 def read_bytes(store: Store, path: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -227,15 +317,17 @@ def read_bytes(store: Store, path: str, start: int | None = None, end: int | Non
         return store.fs.cat_file(path, start=start, end=end)
     except FileNotFoundError as exc:
         raise ObjectNotFoundError(f"{store.url(path)} does not exist (removed, or never committed).") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot read {store.url(path)}: {exc}") from exc
+    except Exception as exc:
+        _reraise(exc, f"cannot read {store.url(path)}")
+        raise
 
 
 def exists(store: Store, path: str) -> bool:
     try:
         return bool(store.fs.exists(path))
-    except OSError as exc:
-        raise StorageError(f"cannot reach {store.url(path)}: {exc}") from exc
+    except Exception as exc:
+        _reraise(exc, f"cannot reach {store.url(path)}")
+        raise
 
 
 def list_names(store: Store, path: str) -> list[str]:
@@ -250,8 +342,9 @@ def list_names(store: Store, path: str) -> list[str]:
         return []
     except TypeError:  # backends whose ls takes no refresh flag
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False)]
-    except OSError as exc:
-        raise StorageError(f"cannot list {store.url(path)}: {exc}") from exc
+    except Exception as exc:
+        _reraise(exc, f"cannot list {store.url(path)}")
+        raise
 
 
 def remove(store: Store, path: str, recursive: bool = False) -> None:

@@ -30,7 +30,7 @@ from .catalog import Catalog, entry_from_metadata
 from .fs import (ObjectNotFoundError, Store, create_exclusive, exists, list_names, read_bytes, remove, resolve,
                  retrying, write_bytes)
 from .query import normalise
-from .shards import DEFAULT_MAX_SHARD_BYTES, plan_shards, read_shard, write_shard
+from .shards import DEFAULT_CHECKSUM, DEFAULT_MAX_SHARD_BYTES, check_checksum, plan_shards, read_shard, write_shard
 
 SCHEMA_VERSION = 2
 #: run markers this version reads: 1 embeds every part record, 2 references ``records/part-PPPPP.json`` by part id
@@ -96,10 +96,14 @@ def as_flat(data: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 class RunWriter:
-    """Writes runs under one storage root; safe to construct in every worker from the same base_dir."""
+    """Writes runs under one storage root; safe to construct in every worker from the same base_dir.
+
+    ``checksum``: the digest of new shards, ``"crc32c"`` (default) or ``"sha256"``; runs of either are read.
+    """
 
     def __init__(self, base_dir: Any, storage_options: dict[str, Any] | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, checksum: str = DEFAULT_CHECKSUM) -> None:
+        self.checksum = check_checksum(checksum)
         self.store = base_dir if isinstance(base_dir, Store) else resolve(base_dir, storage_options)
         self.max_shard_bytes = int(max_shard_bytes)
         self.catalog = Catalog(self.store)
@@ -133,7 +137,8 @@ class RunWriter:
                     model_name=model_name, save_time=save_time, saved_at_unix=now)
         handle = RunHandle(run_id=run_id, experiment=experiment, model_slug=slug, url="", metadata=meta)
         handle = RunHandle(run_id, experiment, slug, self.store.url(self._p(handle)), meta)
-        write_bytes(self.store, self._p(handle, layout.METADATA_FILE), json.dumps(meta, sort_keys=True).encode())
+        meta_path, body = self._p(handle, layout.METADATA_FILE), json.dumps(meta, sort_keys=True).encode()
+        retrying(lambda: write_bytes(self.store, meta_path, body), f"writing {self.store.url(meta_path)}", write=True)
         return handle
 
     def open_run(self, experiment: str, model_name: str | None, run_id: str) -> RunHandle:
@@ -162,17 +167,19 @@ class RunWriter:
         """
         layout.check_part_id(part_id)
         tensors, info = as_flat(data)
-        if check_committed and exists(self.store, self._p(run, layout.record_name(part_id))):
+        rec_path = self._p(run, layout.record_name(part_id))
+        if check_committed and retrying(lambda: exists(self.store, rec_path), f"checking {self.store.url(rec_path)}",
+                                        write=True):
             raise PartAlreadyCommittedError(f"part {part_id} of run {run.run_id} is already committed; it will not "
                                             "be rewritten.")
         attempt = layout.new_attempt()
         shards = []
         for i, keys in enumerate(plan_shards(tensors, self.max_shard_bytes)):
             path = self._p(run, layout.shard_name(part_id, i, attempt))
-            shards.append(write_shard(self.store, path, {k: tensors[k] for k in keys}))
+            shards.append(write_shard(self.store, path, {k: tensors[k] for k in keys}, self.checksum))
         rows = next((int(t.shape[0]) for t in tensors.values() if t.dim() > 0), 0)
         return {"part_id": part_id, "rows": rows, "keys": list(tensors), "info": info, "shards": shards,
-                "attempt": attempt}
+                "attempt": attempt, "checksum": self.checksum}
 
     def commit_part(self, run: RunHandle, record: dict[str, Any]) -> bool:
         """Create the part's record (exclusive create); True when this call committed the part.
@@ -185,7 +192,10 @@ class RunWriter:
         check_record(record, part_id, f"the record of part {part_id}")
         path = self._p(run, layout.record_name(part_id))
         body = json.dumps(record, sort_keys=True).encode()
-        if create_exclusive(self.store, path, body):
+        # retried on transient faults: when an attempt that seemed to fail did create the record, the next one finds
+        # it and the comparison below sees this very record
+        if retrying(lambda: create_exclusive(self.store, path, body), f"committing part {part_id} "
+                    f"({self.store.url(path)})", write=True):
             return True
         winner = read_record(self.store, self._p(run), part_id)
         if winner == json.loads(body):
@@ -204,7 +214,9 @@ class RunWriter:
 
     def committed_part_ids(self, run: RunHandle) -> list[int]:
         """Ids of every committed part, sorted. Lists record names only; reads no record."""
-        return record_part_ids(list_names(self.store, self._p(run, "records")))
+        where = self._p(run, "records")
+        return record_part_ids(retrying(lambda: list_names(self.store, where), f"listing {self.store.url(where)}",
+                                        write=True))
 
     def committed_parts(self, run: RunHandle) -> dict[int, dict[str, Any]]:
         """Records of every committed part, by part id (reads every record: for resumes and tools, not commits)."""
@@ -245,8 +257,22 @@ class RunWriter:
             from .stats import write_run_statistics
 
             write_run_statistics(self.store, self._p(run), ids, records)
-        if not create_exclusive(self.store, self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()):
-            raise RunAlreadyCommittedError(f"run {run.run_id} is already committed.")
+        marker, body = self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()
+        tries = []
+
+        def create() -> bool:
+            tries.append(1)
+            return create_exclusive(self.store, marker, body)
+
+        if not retrying(create, f"committing run {run.run_id} ({self.store.url(marker)})", write=True):
+            mine = False
+            if len(tries) > 1:  # an earlier try failed but may have landed: then the marker is this one's
+                try:
+                    mine = retrying(lambda: read_bytes(self.store, marker), f"reading {self.store.url(marker)}") == body
+                except StorageError:
+                    mine = False
+            if not mine:
+                raise RunAlreadyCommittedError(f"run {run.run_id} is already committed.")
         self.catalog.add(entry_from_metadata(run.metadata, manifest))
         return run.url
 

@@ -1,4 +1,4 @@
-"""Tensors <-> safetensors shards on any fsspec store, with sha256 and ranged partial reads.
+"""Tensors <-> safetensors shards on any fsspec store, with checksums (crc32c, or sha256) and ranged partial reads.
 
 The safetensors format is written directly (8-byte little-endian header length, JSON header, raw bytes) so that
 tensors stream to storage without an extra in-memory copy, and tensors are hashed by helper threads while bytes
@@ -7,18 +7,22 @@ are written. Files are standard safetensors: ``safetensors.torch.load`` reads th
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import hashlib
 import json
 import os
 import struct
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+import google_crc32c
 
 import torch
 
 from ..errors import CorruptShardError, StorageError
-from .fs import Store, make_dirs, read_bytes, sync, sync_dir
+from .fs import Store, as_storage_error, make_dirs, read_bytes, retrying, sync, sync_dir
 
 #: default shard size limit: well inside S3's 10,000-part multipart limit at s3fs' default 50 MiB blocks, and
 #: the most memory an object-store upload copies at once
@@ -75,24 +79,76 @@ def _header(tensors: dict[str, torch.Tensor], order: list[str]) -> tuple[bytes, 
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
-def shard_digest(header: bytes, tensor_digests: list[str]) -> str:
-    """The shard's sha256: ``sha256(header bytes || digest of each tensor's bytes, in file order)``.
+#: the checksum new shards get; ``"sha256"`` stays selectable (``RunWriter(checksum=...)``) and readable
+DEFAULT_CHECKSUM = "crc32c"
+CHECKSUMS = ("crc32c", "sha256")
+
+
+def _load_crc32c_extend() -> Callable[[int, int, int], int] | None:
+    """``crc32c_extend(crc, address, length)`` of the library inside the google-crc32c wheel, called through ctypes:
+    no copy of the buffer and no GIL held while it runs (the package's own ``value`` takes only ``bytes`` and copies
+    a tensor's bytes first). None when the library is not found; :func:`_crc32c` then uses the package's API."""
+    base = os.path.dirname(os.path.dirname(os.path.abspath(google_crc32c.__file__)))
+    for path in sorted(glob.glob(os.path.join(base, "google_crc32c.libs", "libcrc32c*.so*"))):
+        try:
+            fn = ctypes.CDLL(path).crc32c_extend
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        return fn
+    return None
+
+
+_CRC32C_EXTEND = _load_crc32c_extend() if google_crc32c.implementation == "c" else None
+
+
+def _crc32c(view: memoryview | bytes) -> str:
+    """crc32c of ``view`` as 8 hex digits (big-endian)."""
+    n = len(view)
+    if _CRC32C_EXTEND is not None and isinstance(view, memoryview) and not view.readonly and n >= 1 << 16:
+        crc = _CRC32C_EXTEND(0, ctypes.addressof((ctypes.c_char * n).from_buffer(view)), n)
+    elif isinstance(view, bytes):
+        crc = google_crc32c.value(view)
+    else:  # 8 MiB copies: the package releases the GIL on bytes of 1 MiB or more
+        crc = 0
+        for i in range(0, n, _CHUNK):
+            crc = google_crc32c.extend(crc, bytes(view[i:i + _CHUNK]))
+    return f"{crc:08x}"
+
+
+def _sha(view: memoryview | bytes) -> str:
+    return hashlib.sha256(view).hexdigest()  # releases the GIL on large buffers: runs beside the writes
+
+
+_DIGEST: dict[str, Callable[[memoryview | bytes], str]] = {"crc32c": _crc32c, "sha256": _sha}
+
+
+def check_checksum(name: Any) -> str:
+    """``name`` if it is a checksum this version writes and reads; else StorageError naming the choices."""
+    if name not in _DIGEST:
+        raise StorageError(f"unknown checksum {name!r}: use one of {', '.join(CHECKSUMS)} (default "
+                           f"{DEFAULT_CHECKSUM!r}).")
+    return str(name)
+
+
+def record_checksum(record: dict[str, Any]) -> str:
+    """The algorithm of a shard record: its ``checksum`` field; records written before the field existed are
+    sha256."""
+    return check_checksum(record.get("checksum", "sha256"))
+
+
+def shard_digest(header: bytes, tensor_digests: list[str], checksum: str = "sha256") -> str:
+    """The shard's digest: ``H(header bytes || digest of each tensor's bytes, in file order)`` with ``H`` the
+    shard's checksum (crc32c or sha256).
 
     Header and tensor bytes cover every byte of a safetensors file, so this digest changes with any byte of the
     shard, and it lets tensors be hashed in parallel and ranged reads be verified per tensor.
     """
-    h = hashlib.sha256(header)
-    for d in tensor_digests:
-        h.update(bytes.fromhex(d))
-    return h.hexdigest()
-
-
-def _sha(view: memoryview) -> str:
-    return hashlib.sha256(view).hexdigest()  # releases the GIL on large buffers: runs beside the writes
+    return _DIGEST[checksum](header + b"".join(bytes.fromhex(d) for d in tensor_digests))
 
 
 def _new_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="shard-sha256")
+    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="shard-checksum")
 
 
 _POOL = _new_pool()
@@ -109,18 +165,21 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_pool_in_child)
 
 
-def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor],
+                checksum: str = DEFAULT_CHECKSUM) -> dict[str, Any]:
     """Write ``tensors`` (contiguous, cpu) as one safetensors file; return its JSON record.
 
-    Record: ``{"file", "bytes", "sha256", "header_bytes", "header_sha256", "tensors": {key: sha256}}``.
+    Record: ``{"file", "bytes", "checksum": C, C: shard digest, "header_bytes", "header_" + C, "tensors": {key:
+    digest}}`` with ``C`` the algorithm (``"crc32c"`` by default, or ``"sha256"``), digests as hex strings.
     Local files are streamed to a temporary name and renamed; object stores get one ``pipe_file`` (the object
     appears whole when the upload completes).
     """
     # widest dtypes first keeps every tensor aligned to its element size without padding
+    digest = _DIGEST[check_checksum(checksum)]
     order = sorted(tensors, key=lambda k: -tensors[k].element_size())
     head, _ = _header(tensors, order)
     views = {k: _raw(tensors[k]) for k in order}
-    futures = {k: _POOL.submit(_sha, views[k]) for k in order}
+    futures = {k: _POOL.submit(digest, views[k]) for k in order}
     target = f"{path}.tmp-{uuid.uuid4().hex}" if store.is_local else path
     total = len(head)
     try:
@@ -139,7 +198,17 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
             # the object appears whole when the upload completes
             blob = b"".join([head, *(views[k] for k in order)])  # one extra copy of one shard, at most max_shard_bytes
             total = len(blob)
-            store.fs.pipe_file(target, blob)
+
+            def put() -> None:
+                try:
+                    store.fs.pipe_file(target, blob)  # a whole object, replaced whole: safe to retry
+                except Exception as exc:
+                    err = as_storage_error(exc, f"cannot write shard {store.url(path)}")
+                    if err is exc:
+                        raise
+                    raise err from exc
+
+            retrying(put, f"writing shard {store.url(path)}", write=True)  # 503s, resets, timeouts, outages
             del blob
         digests = {k: futures[k].result() for k in order}
         if store.is_local:
@@ -155,9 +224,10 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor]) -> di
     return {
         "file": path.rsplit("/", 1)[-1],
         "bytes": total,
-        "sha256": shard_digest(head, [digests[k] for k in order]),
+        "checksum": checksum,
+        checksum: shard_digest(head, [digests[k] for k in order], checksum),
         "header_bytes": len(head),
-        "header_sha256": hashlib.sha256(head).hexdigest(),
+        f"header_{checksum}": digest(head),
         "tensors": digests,
     }
 
@@ -190,11 +260,14 @@ def _tensor_from(buf: bytearray | memoryview, start: int, spec: dict[str, Any], 
 
 
 def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read a shard (all tensors, or only ``keys`` by byte ranges), checking sha256 against ``record``.
+    """Read a shard (all tensors, or only ``keys`` by byte ranges), checking the bytes read against the digests in
+    ``record`` (its ``checksum`` algorithm; sha256 when the record has none).
 
     Raises CorruptShardError naming the shard when bytes do not match what was recorded at save time.
     """
     where = store.url(path)
+    algo = record_checksum(record)
+    digest = _DIGEST[algo]
     wanted = list(record["tensors"]) if keys is None else [k for k in record["tensors"] if k in set(keys)]
     if not wanted:
         return {}
@@ -206,21 +279,21 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
             _, header = _parse_header(bytes(data[:hb]), where)
             order = sorted(record["tensors"], key=lambda k: header[k]["data_offsets"][0] if k in header else -1)
             view = memoryview(data)
-            futs = [_POOL.submit(_sha, view[hb + header[k]["data_offsets"][0]:hb + header[k]["data_offsets"][1]])
+            futs = [_POOL.submit(digest, view[hb + header[k]["data_offsets"][0]:hb + header[k]["data_offsets"][1]])
                     if k in header else None for k in order]
             digests = [f.result() if f is not None else "" for f in futs]
-            bad = shard_digest(bytes(data[:hb]), digests) != record["sha256"]
+            bad = shard_digest(bytes(data[:hb]), digests, algo) != record.get(algo)
         if bad:
             raise CorruptShardError(
                 f"shard {where} is corrupted or truncated: {len(data)} bytes, expected {record['bytes']} with "
-                f"sha256 {record['sha256'][:16]}...; the run cannot be trusted, re-save it."
+                f"{algo} {str(record.get(algo))[:16]}...; the run cannot be trusted, re-save it."
             )
         start, header = _parse_header(bytes(data[:hb]), where)
         return {k: _tensor_from(data, start, header[k], k, where) for k in wanted}
     # partial: the header, then one ranged read per run of adjacent wanted tensors
     head = read_bytes(store, path, 0, record["header_bytes"])
-    if hashlib.sha256(head).hexdigest() != record["header_sha256"]:
-        raise CorruptShardError(f"shard {where}: header does not match its recorded sha256 (corrupted).")
+    if digest(head) != record.get(f"header_{algo}"):
+        raise CorruptShardError(f"shard {where}: header does not match its recorded {algo} (corrupted).")
     start, header = _parse_header(head, where)
     spans = sorted((header[k]["data_offsets"][0], header[k]["data_offsets"][1], k) for k in wanted)
     groups: list[list[tuple[int, int, str]]] = []
@@ -236,7 +309,7 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
         if len(buf) != hi - lo:
             raise CorruptShardError(f"shard {where} is truncated: range [{start + lo}, {start + hi}) is short.")
         for b, e, k in g:
-            if hashlib.sha256(memoryview(buf)[b - lo:e - lo]).hexdigest() != record["tensors"][k]:
-                raise CorruptShardError(f"shard {where}: tensor {k!r} does not match its recorded sha256 (corrupted).")
+            if digest(memoryview(buf)[b - lo:e - lo]) != record["tensors"][k]:
+                raise CorruptShardError(f"shard {where}: tensor {k!r} does not match its recorded {algo} (corrupted).")
             out[k] = _tensor_from(buf, -lo, header[k], k, where)
     return {k: out[k] for k in wanted}

@@ -77,8 +77,8 @@ def test_two_threads_interleaved_shard_by_shard(backend, monkeypatch):
     real = runs.write_shard
     barrier = threading.Barrier(2, timeout=60)
 
-    def in_lockstep(store, path, tensors):
-        out = real(store, path, tensors)
+    def in_lockstep(store, path, tensors, *args, **kw):
+        out = real(store, path, tensors, *args, **kw)
         barrier.wait()
         return out
 

@@ -23,7 +23,7 @@ def test_crash_before_marker_leaves_nothing_visible(backend, monkeypatch, step):
     saver = backend.saver()
     _save(saver, 1.0, "good")
     if step == "shard":
-        def crashing(store, path, tensors):
+        def crashing(store, path, tensors, *args, **kw):
             raise Boom("disk died mid-shard")
 
         monkeypatch.setattr(runs, "write_shard", crashing)
