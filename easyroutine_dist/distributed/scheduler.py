@@ -10,11 +10,17 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, WorkerCrashedError
 
 from ..errors import DistributedError
+from ..storage.fs import StorageUnavailableError
 from ..storage.runs import RunHandle
 from .partitions import PartitionSpec
 
 #: a worker process died or is restarting: the partition is redone (Ray's own retries are off, max_task_retries=0)
 ACTOR_ERRORS = (RayActorError, ActorUnavailableError, WorkerCrashedError)
+
+
+class _StorageFault(Exception):
+    """A partition's storage calls still failed after their retries (StorageUnavailableError in the worker): the
+    partition is re-queued like one lost to a worker death, within ``max_part_attempts``."""
 
 
 def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Iterator[Any], run: RunHandle,
@@ -82,8 +88,13 @@ def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Itera
         w, part = in_flight.pop(ref)
         load[w] -= 1
         try:
-            res = ray.get(ref)
-        except ACTOR_ERRORS as exc:
+            try:
+                res = ray.get(ref)
+            except RayTaskError as exc:
+                if isinstance(exc.cause, StorageUnavailableError):  # storage still failing after its retries
+                    raise _StorageFault(exc.cause) from exc
+                raise
+        except (*ACTOR_ERRORS, _StorageFault) as exc:
             pid = part.part_id if isinstance(part, PartitionSpec) else part[1]["part_id"]
             attempts[pid] += 1
             retried += 1
@@ -92,6 +103,9 @@ def schedule(workers: list[Any], submit: Callable[[Any, Any], Any], parts: Itera
                                        f"(last: {exc}); " + resume_hint()) from exc
             if events is not None:
                 events.part_retried(w, pid, attempts[pid], max_part_attempts, exc)
+            if isinstance(exc, _StorageFault):  # the worker is fine: the partition goes back in the queue
+                retry.append(part)
+                continue
             if w in live:  # no new work until it answers a ping; its other queued parts fail the same way
                 live.remove(w)
                 recovering[workers[w].ping.remote()] = w
