@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from ..errors import MetadataError, StorageError
 from . import layout, snapshots
+from .markers import read_manifest  # (not .runs: runs imports catalog, never the reverse)
 from .fs import ObjectNotFoundError, Store, exists, list_names, read_bytes, remove, retrying, write_bytes
 
 _LOG = logging.getLogger(__name__)
@@ -248,8 +249,6 @@ class Catalog:
 
     def _marker_entry(self, exp: str, slug: str, run_id: str) -> dict[str, Any]:
         """The entry of a run, from its marker; MetadataError when its names do not match its directory."""
-        from .runs import read_manifest  # local import: runs imports catalog
-
         rdir = self.store.path(exp, slug, run_id)
         manifest = retrying(lambda: read_manifest(self.store, rdir), f"reading {self.store.url(rdir)}/_SUCCESS")
         entry = entry_from_metadata(manifest["metadata"], manifest)

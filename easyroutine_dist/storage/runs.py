@@ -29,12 +29,11 @@ from . import layout
 from .catalog import Catalog, entry_from_metadata
 from .fs import (ObjectNotFoundError, Store, create_exclusive, exists, list_names, read_bytes, remove, resolve,
                  retrying, write_bytes)
+from .markers import READABLE_SCHEMA_VERSIONS, read_manifest  # noqa: F401 - re-exported
 from .query import normalise
 from .shards import DEFAULT_CHECKSUM, DEFAULT_MAX_SHARD_BYTES, check_checksum, plan_shards, read_shard, write_shard
 
 SCHEMA_VERSION = 2
-#: run markers this version reads: 1 embeds every part record, 2 references ``records/part-PPPPP.json`` by part id
-READABLE_SCHEMA_VERSIONS = (1, 2)
 _RECORD_RE = re.compile(r"^part-(\d{5,7})\.json$")  # ids padded to 5 digits (layout.record_name)
 _LOG = logging.getLogger(__name__)
 
@@ -309,29 +308,6 @@ def read_record(store: Store, rdir: str, part_id: int) -> dict[str, Any]:
     except ValueError as exc:
         raise StorageError(f"part record {store.url(path)} is unreadable ({exc}).") from None
     return check_record(rec, part_id, store.url(path))
-
-
-def read_manifest(store: Store, run_dir: str) -> dict[str, Any]:
-    """The raw JSON of a run's ``_SUCCESS`` marker, schema 1 or 2 (StorageError when the run is not committed)."""
-    raw = read_bytes(store, f"{run_dir}/{layout.RUN_MARKER}")
-    try:
-        manifest = json.loads(raw)
-    except ValueError as exc:
-        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS is unreadable ({exc}).") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version not in READABLE_SCHEMA_VERSIONS:
-        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has schema_version {version!r}; this version "
-                           f"of easyroutine_dist reads {list(READABLE_SCHEMA_VERSIONS)} (upgrade it).")
-    listed = manifest.get("parts") if version >= 2 else manifest.get("records")
-    if not isinstance(listed, list) or not isinstance(manifest.get("metadata"), dict):
-        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has no metadata or part list; the run is damaged.")
-    if version >= 2:
-        try:
-            for p in listed:
-                layout.check_part_id(p)
-        except MetadataError as exc:
-            raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS is refused: {exc}") from None
-    return manifest
 
 
 def manifest_part_ids(manifest: dict[str, Any]) -> list[int]:
