@@ -90,11 +90,13 @@ def extract(
 def _print_plan(job: Any, as_json: bool) -> None:
     from ..distributed.plan import plan_extraction
 
+
     plan = plan_extraction(job.source, job.dataset, job.positions, job.config, job.saver,
                            num_workers=job.num_workers, num_gpus_per_worker=job.gpus_per_worker,
                            batch_size=job.batch_size, partition_size=job.partition_size, logit_lens=job.lens,
                            tag=job.tag)
-    if as_json:
+    if as_json:  # stdout: the one JSON object; stderr: the calibration's progress bars, then one line
+        err_console().print("dry run: nothing was started or written", markup=False)
         typer.echo(json.dumps(plan.to_dict()))
         return
     console.rule("dry run: nothing was started or written")
