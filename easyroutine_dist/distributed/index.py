@@ -70,6 +70,7 @@ class MetadataIndex:
         self.started_at = time.time()
         self.registered = 0
         self.queries = 0
+        self.node_id = _node_id()  # a local path is served only to callers on this node (its disk)
 
     def _catalog(self, base_url: str, storage_options: Optional[dict[str, Any]]) -> Catalog:
         found = secret_paths(storage_options)
@@ -94,24 +95,37 @@ class MetadataIndex:
         """Entries of one experiment (or all with None), oldest first. Ships them all: prefer :meth:`query`."""
         return self._catalog(base_url, storage_options).entries(experiment)
 
+    def _elsewhere(self, base_url: str, caller_node: Optional[str]) -> bool:
+        """True when the caller of a local ``base_url`` (callers send ``caller_node`` for local paths only) runs on
+        another node: this index would read its own node's disk, not the caller's, so it declines and the caller
+        reads its catalog itself. A local root is thus keyed by its path and the node that owns it."""
+        return caller_node is not None and self.node_id is not None and caller_node != self.node_id
+
     def query(self, base_url: str, storage_options: Optional[dict[str, Any]], experiment: Optional[str],
-              criteria: dict[str, Any]) -> dict[str, Any]:
+              criteria: dict[str, Any], caller_node: Optional[str] = None) -> Optional[dict[str, Any]]:
         """``{"count": n, "entries": [...]}``: the entries matching normalised ``criteria``, oldest first.
 
         Evaluated here by :func:`~easyroutine_dist.storage.selection.select`, the loader's own code, so the answer
         is the one the loader would compute and its size grows with the matches, not with the archive."""
+        if self._elsewhere(base_url, caller_node):
+            return None
         self.queries += 1
         found = select(self._catalog(base_url, storage_options), experiment, criteria)
         return {"count": len(found), "entries": found}
 
     def find_run(self, base_url: str, storage_options: Optional[dict[str, Any]], run_id: str,
-                 experiment: Optional[str] = None) -> list[dict[str, Any]]:
+                 experiment: Optional[str] = None, caller_node: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
         """The entries of run ``run_id`` (``Catalog.find_run``: one read per experiment, not one per run)."""
+        if self._elsewhere(base_url, caller_node):
+            return None
         return self._catalog(base_url, storage_options).find_run(run_id, experiment)
 
-    def register(self, base_url: str, storage_options: Optional[dict[str, Any]], entry: dict[str, Any]) -> int:
+    def register(self, base_url: str, storage_options: Optional[dict[str, Any]], entry: dict[str, Any],
+                 caller_node: Optional[str] = None) -> int:
         """Note a freshly committed run (its catalog entry is already in storage) in O(1) (``Catalog.note``);
-        returns the runs of its experiment held in memory."""
+        returns the runs of its experiment held in memory (-1: a local path of another node, not held here)."""
+        if self._elsewhere(base_url, caller_node):
+            return -1
         self.registered += 1
         return self._catalog(base_url, storage_options).note(entry)
 
@@ -122,7 +136,16 @@ class MetadataIndex:
     def status(self) -> dict[str, Any]:
         roots = sorted({json.loads(k)[0] for k in self._catalogs})
         return {"pid": os.getpid(), "started_at": self.started_at, "roots": roots,
-                "registered": self.registered, "queries": self.queries, "max_roots": self.max_roots}
+                "registered": self.registered, "queries": self.queries, "max_roots": self.max_roots,
+                "node_id": self.node_id}
+
+
+def _node_id() -> Optional[str]:
+    """The Ray node this process runs on; None outside Ray."""
+    try:
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - no runtime context: not on a Ray node
+        return None
 
 
 def root_key(base_url: str, storage_options: Optional[dict[str, Any]]) -> str:
@@ -160,7 +183,9 @@ def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_T
         index = get_index(create=True)
         if index is None:
             return False
-        ray.get(index.register.remote(key, public_options(store.storage_options), entry), timeout=timeout_s)
+        ray.get(index.register.remote(key, public_options(store.storage_options), entry,
+                                        caller_node=_node_id() if store.is_local else None),
+                timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001 - the catalog in storage already has the run; the index is derived
         _warn_once(f"register:{type(exc).__name__}", "the metadata index did not take run %s within %.1f s "
                    "(%s: %s); queries still find it in the catalog in storage", entry.get("run_id"), timeout_s,
@@ -193,7 +218,8 @@ def _ask(method: str, store: Store, *args: Any) -> Any:
             index = get_index(create=False)
             if index is None:
                 return None
-            answer = ray.get(getattr(index, method).remote(key, public_options(store.storage_options), *args),
+            answer = ray.get(getattr(index, method).remote(key, public_options(store.storage_options), *args,
+                                                           caller_node=_node_id() if store.is_local else None),
                              timeout=max(0.1, deadline - time.monotonic()))
         except (ActorUnavailableError, RayActorError) as exc:
             if time.monotonic() + 0.2 < deadline:

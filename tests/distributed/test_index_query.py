@@ -85,3 +85,17 @@ def test_queries_through_the_actor_equal_the_catalog(ray_cluster, tmp_path):
     assert ray.get(index.status.remote())["queries"] >= before + 8  # the actor answered them
     run = local[2]["run_id"]
     assert _index.find_run(store, run) == [e for e in local if e["run_id"] == run]
+
+
+def test_a_local_root_is_served_only_to_callers_on_the_index_node(tmp_path):
+    root = str(tmp_path / "acts")
+    entries = _fill(root, 5)
+    idx = MetadataIndex()
+    idx.node_id = "node-a"  # the index's node (its disk holds this local path)
+    crit = build_criteria(tag="t2")
+    assert idx.query(root, None, "big", crit, caller_node="node-a")["entries"] == [entries[2]]
+    # a caller on another node: its local path is another disk; the index declines and the caller reads itself
+    assert idx.query(root, None, "big", crit, caller_node="node-b") is None
+    assert idx.find_run(root, None, entries[1]["run_id"], caller_node="node-b") is None
+    assert idx.register(root, None, entries[0], caller_node="node-b") == -1 and idx.registered == 0
+    assert idx.query(root, None, "big", crit)["count"] == 1  # object-store roots send no node: always served
