@@ -99,3 +99,23 @@ def test_a_local_root_is_served_only_to_callers_on_the_index_node(tmp_path):
     assert idx.find_run(root, None, entries[1]["run_id"], caller_node="node-b") is None
     assert idx.register(root, None, entries[0], caller_node="node-b") == -1 and idx.registered == 0
     assert idx.query(root, None, "big", crit)["count"] == 1  # object-store roots send no node: always served
+
+
+def test_lens_source_run_id_is_resolved_with_one_read_per_experiment(tmp_path, monkeypatch):
+    import pytest
+
+    from easyroutine_dist.distributed import DistributedExtractor
+    from easyroutine_dist.errors import ConfigError
+
+    saver = ActivationSaver(str(tmp_path / "acts"), "src")
+    for tag in ("a", "b"):
+        saver.save(torch.ones(2, 1, 3), "m", ["last"], None, ExtractionConfig(extract_resid_out=True), tag=tag)
+    want = Catalog(saver.store).entries("src")[1]
+    reads = []
+    real = catmod.read_bytes
+    monkeypatch.setattr(catmod, "read_bytes", lambda s, p, *a, **k: (reads.append(p), real(s, p, *a, **k))[1])
+    monkeypatch.setattr(_index.ray, "is_initialized", lambda: False)  # no index: the catalog in this process
+    store, entry = DistributedExtractor._source_entry(want["run_id"], saver)
+    assert entry == want and reads == [saver.store.path("_catalog", "src", f"{want['run_id']}.json")]
+    with pytest.raises(ConfigError, match="matches 0 runs"):
+        DistributedExtractor._source_entry(layout.new_run_id(1.6e9)[0], saver)
