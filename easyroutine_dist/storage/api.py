@@ -15,6 +15,7 @@ from .fs import Store, resolve
 from .providers import provided_entries
 from .query import build_criteria, compile_criteria, jsonable, normalise
 from .runs import RunWriter, as_flat, iter_parts, load_run, move_run, remove_run, run_dir
+from .shards import DEFAULT_CHECKSUM, check_checksum
 from .selection import candidates, select
 
 ALL_EXPERIMENTS = "*"
@@ -56,20 +57,26 @@ def _model_config_summary(cfg: Any) -> Any:
 
 
 class ActivationSaver:
-    """Saves activations with metadata under ``base_dir/<experiment>`` (local path or fsspec URL)."""
+    """Saves activations with metadata under ``base_dir/<experiment>`` (local path or fsspec URL).
+
+    ``checksum``: digest of the shards, ``"crc32c"`` (default, hardware-accelerated) or ``"sha256"``.
+    """
 
     exp_name = compat.exp_name_alias
 
     def __init__(self, base_dir: Union[Path, str], experiment_name: str = "default",
-                 storage_options: Optional[dict] = None, max_shard_bytes: Optional[int] = None) -> None:
+                 storage_options: Optional[dict] = None, max_shard_bytes: Optional[int] = None,
+                 checksum: str = DEFAULT_CHECKSUM) -> None:
+        check_checksum(checksum)  # before anything is resolved or written
         store = resolve(base_dir, storage_options)
-        self._init(store, experiment_name, max_shard_bytes)
+        self._init(store, experiment_name, max_shard_bytes, checksum)
 
-    def _init(self, store: Store, experiment_name: str, max_shard_bytes: Optional[int]) -> None:
+    def _init(self, store: Store, experiment_name: str, max_shard_bytes: Optional[int],
+              checksum: str = DEFAULT_CHECKSUM) -> None:
         self.experiment_name = layout.check_experiment(experiment_name)
         self.store = store
         kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-        self.writer = RunWriter(store, **kw)
+        self.writer = RunWriter(store, checksum=checksum, **kw)
         self.base_dir = compat.location(store, store.url(store.root))  # a Path on local disk
 
     @classmethod

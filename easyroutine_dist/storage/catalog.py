@@ -80,8 +80,9 @@ class Catalog:
         """Register a committed run (idempotent: the entry is named by its run id)."""
         exp = layout.check_experiment(entry["experiment_name"])
         run_id = layout.check_run_id(entry["run_id"])
-        write_bytes(self.store, self.store.path(layout.CATALOG_DIR, exp, f"{run_id}.json"),
-                    json.dumps(entry, sort_keys=True).encode())
+        path = self.store.path(layout.CATALOG_DIR, exp, f"{run_id}.json")
+        body = json.dumps(entry, sort_keys=True).encode()
+        retrying(lambda: write_bytes(self.store, path, body), f"writing {self.store.url(path)}", write=True)
         with self._lock:
             self._cache.setdefault(exp, {})[f"{run_id}.json"] = entry
             self._listing.pop(exp, None)
