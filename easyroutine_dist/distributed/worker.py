@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, StorageError
 from ..storage import layout
-from ..storage.fs import exists, read_bytes
+from ..storage.fs import exists, read_bytes, retrying
 from ..storage.runs import PartAlreadyCommittedError, RunHandle, RunWriter, check_record
 from .credentials import credential_fingerprint, public_options
 from ..slots import LAYOUT_KEY, VALID_KEY, SlotLayout
@@ -73,11 +73,14 @@ class ExtractionWorker:
         process' environment or its credential files, or other shipped secrets): nothing is cached past them."""
         options = storage.get("storage_options") or {}
         key = json.dumps([storage["base_dir"], public_options(options), storage.get("max_shard_bytes"),
+                          storage.get("checksum"),
                           bool(storage.get("durable"))], sort_keys=True, default=repr)
         creds = credential_fingerprint(options)
         held = self._writers.get(key)
         if held is None or held[0] != creds:  # credentials live in this process' memory only
             kw = {} if storage.get("max_shard_bytes") is None else {"max_shard_bytes": storage["max_shard_bytes"]}
+            if storage.get("checksum") is not None:  # the saver's choice (crc32c by default, or sha256)
+                kw["checksum"] = storage["checksum"]
             writer = RunWriter(storage["base_dir"], options, **kw)
             if storage.get("durable"):
                 writer.store.durable = True
@@ -94,9 +97,10 @@ class ExtractionWorker:
     @staticmethod
     def _existing(writer: RunWriter, run: RunHandle, part_id: int) -> Optional[dict[str, Any]]:
         path = writer.store.path(run.rel, layout.record_name(part_id))
-        if not exists(writer.store, path):
+        where = writer.store.url(path)  # retried like the write path: throttling and outages are not fatal
+        if not retrying(lambda: exists(writer.store, path), f"checking {where}", write=True):
             return None
-        return json.loads(read_bytes(writer.store, path))
+        return json.loads(retrying(lambda: read_bytes(writer.store, path), f"reading {where}", write=True))
 
     @staticmethod
     def _maybe_fail(job: dict[str, Any], part_id: int) -> None:
