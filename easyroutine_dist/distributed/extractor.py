@@ -31,6 +31,7 @@ from .credentials import check_model_kwargs, check_storage_options, public_optio
 from .lensing import check_lens_config, lens_metadata
 from .models import ModelSource, describe_source, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
+from .records import read_all
 from .resume import check_committed_parts, check_same_settings, never_begun, read_fingerprints
 from .scheduler import ACTOR_ERRORS, schedule
 from .worker import ExtractionWorker, check_same_model
@@ -433,8 +434,7 @@ class DistributedExtractor:
         store = saver.store
         options = dict(store.storage_options) if self.ship_credentials else public_options(store.storage_options)
         return {"base_dir": store.url(store.root), "storage_options": options,
-                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable),
-                "checksum": getattr(saver.writer, "checksum", None)}
+                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable)}
 
     def logit_lens(self, run: Any, saver: Any, logit_lens: dict[str, Any], tag: Optional[str] = None,
                    other_metadata: Optional[dict[str, Any]] = None, run_id: Optional[str] = None,
@@ -454,7 +454,7 @@ class DistributedExtractor:
         check_storage_options(src_store.storage_options, f"the source run's storage ({src_store.url(src_store.root)})",
                               self.ship_credentials)
         manifest = read_marker(src_store, run_dir(src_store, entry))
-        records = manifest["records"]
+        records = read_all(manifest["records"])  # each record read once, 16 at a time (was 3 times, one by one)
         n_rows = sum(int(r["rows"]) for r in records)
         directions = lens["token_directions"]
         if directions is not None and len(directions) != n_rows:
