@@ -434,7 +434,8 @@ class DistributedExtractor:
         store = saver.store
         options = dict(store.storage_options) if self.ship_credentials else public_options(store.storage_options)
         return {"base_dir": store.url(store.root), "storage_options": options,
-                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable)}
+                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable),
+                "checksum": getattr(saver.writer, "checksum", None)}
 
     def logit_lens(self, run: Any, saver: Any, logit_lens: dict[str, Any], tag: Optional[str] = None,
                    other_metadata: Optional[dict[str, Any]] = None, run_id: Optional[str] = None,
