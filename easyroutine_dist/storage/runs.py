@@ -257,23 +257,21 @@ class RunWriter:
 
             write_run_statistics(self.store, self._p(run), ids, records)
         marker, body = self._p(run, layout.RUN_MARKER), json.dumps(manifest).encode()
-        tries = []
-
-        def create() -> bool:
-            tries.append(1)
-            return create_exclusive(self.store, marker, body)
-
-        if not retrying(create, f"committing run {run.run_id} ({self.store.url(marker)})", write=True):
-            mine = False
-            if len(tries) > 1:  # an earlier try failed but may have landed: then the marker is this one's
-                try:
-                    mine = retrying(lambda: read_bytes(self.store, marker), f"reading {self.store.url(marker)}") == body
-                except StorageError:
-                    mine = False
-            if not mine:
+        tries: list[bool] = []
+        if not retrying(lambda: tries.append(True) or create_exclusive(self.store, marker, body),
+                        f"committing run {run.run_id} ({self.store.url(marker)})", write=True):
+            # found there: another driver's marker, unless an earlier try failed but landed (then it is this one)
+            if len(tries) < 2 or _read_or_none(self.store, marker) != body:
                 raise RunAlreadyCommittedError(f"run {run.run_id} is already committed.")
         self.catalog.add(entry_from_metadata(run.metadata, manifest))
         return run.url
+
+
+def _read_or_none(store: Store, path: str) -> bytes | None:
+    try:
+        return retrying(lambda: read_bytes(store, path), f"reading {store.url(path)}")
+    except StorageError:
+        return None
 
 
 def check_record(rec: Any, part_id: int, where: str) -> dict[str, Any]:

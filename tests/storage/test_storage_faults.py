@@ -128,3 +128,33 @@ def test_backoff_is_bounded_and_jittered(monkeypatch):
         cap = min(fsmod.RETRY_MAX_DELAY_S, fsmod.WRITE_RETRY_DELAY_S * 2**i)
         assert cap / 2 <= w <= cap
     assert sum(waits) <= 16.2
+
+
+@pytest.mark.parametrize("what", ["part", "run"])
+def test_a_create_that_landed_but_failed_is_recognised(tmp_path, monkeypatch, what):
+    """The first exclusive create writes its object and then fails (the answer was lost): the retry finds the object
+    and knows it is its own; the part/run counts as committed once, and no RunAlreadyCommittedError is raised."""
+    from easyroutine_dist.storage import runs
+
+    writer = RunWriter(str(tmp_path / "acts"))
+    run = writer.begin_run("faults", "m", {"tag": "landed"})
+    record = writer.write_part(run, 0, _rows(0))
+    real, lost = runs.create_exclusive, []
+
+    def landed_then_lost(store, path, data):
+        created = real(store, path, data)
+        if not lost and (path.endswith("_SUCCESS") if what == "run" else "/records/" in path):
+            lost.append(path)
+            raise fsmod.StorageError(f"cannot create {path}: ConnectionResetError: reset by peer")
+        return created
+
+    monkeypatch.setattr(fsmod, "RETRY_MAX_DELAY_S", 0.01)
+    monkeypatch.setattr(runs, "create_exclusive", landed_then_lost)
+    committed = writer.commit_part(run, record)
+    assert committed is (what == "run")  # a part record found equal to its own: committed by this (earlier) try
+    writer.commit_run(run)
+    assert lost
+    from easyroutine_dist.interpretability.activation_saver import ActivationLoader
+
+    data, _ = ActivationLoader(str(tmp_path / "acts"), "faults").query(tag="landed").load(-1)
+    assert torch.equal(data["ids"], _rows(0)["ids"])
