@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import ray
@@ -19,7 +18,7 @@ from ray.exceptions import ActorUnavailableError, RayTaskError
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DistributedError, StorageError
-from ..storage.fs import exists, list_names, read_bytes
+from ..storage.fs import read_bytes
 from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.layout import new_run_id as _new_run_id
 from ..storage.query import normalise
@@ -36,60 +35,18 @@ from .resume import check_committed_parts, check_same_settings, never_begun, rea
 from .scheduler import ACTOR_ERRORS, schedule
 from .worker import ExtractionWorker, check_same_model
 
+from .preflight import check_storage
+from .result import DistributedRun
+
 _LOG = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DistributedRun:
-    """What ``extract`` returns: where the run is and what this call did.
-
-    ``recomputed``: partitions computed by this call; ``skipped``: partitions already committed (resume);
-    ``retried``: partition attempts lost to worker deaths and redone. ``worker_seconds``: time spent inside
-    workers (tokenise, forward, lens, write, commit part) summed over partitions; ``commit_seconds``: the driver's
-    run commit (listing part records, writing ``_SUCCESS`` and the catalog entry, registering with the index).
-    ``bytes_written``: shard bytes this call wrote; ``workers``: where each worker ran (node, node id, GPUs, the
-    partitions it computed), as in the ``run_committed`` event (:mod:`.events`).
-    """
-
-    run_id: str
-    experiment: str
-    model_name: str
-    url: str
-    n_rows: int
-    n_partitions: int
-    recomputed: int
-    skipped: int
-    retried: int
-    seconds: float
-    resumed: bool = False
-    worker_seconds: float = 0.0
-    commit_seconds: float = 0.0
-    bytes_written: int = 0
-    workers: tuple = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def _probe_storage(saver: Any) -> None:
-    """Fail fast (StorageError) when the saver's storage cannot be reached, before any worker starts."""
-    store = saver.store
-    try:
-        if store.is_local:
-            os.makedirs(store.root, exist_ok=True)
-            if not os.access(store.root, os.W_OK):
-                raise StorageError(f"storage {store.root!r} is not writable; pick a writable base_dir.")
-        elif store.protocol != "memory":
-            bucket = store.root.split("/", 1)[0]
-            if not exists(store, bucket):
-                raise StorageError(f"bucket {bucket!r} at {store.url(bucket)} does not exist or is not accessible; "
-                                   "create it or fix the endpoint/credentials (storage_options, AWS_* env vars).")
-            list_names(store, store.root)
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any client error here means unreachable storage
-        raise StorageError(f"storage {store.url(store.root)} is unreachable ({type(exc).__name__}: {exc}); check "
-                           "the endpoint and credentials.") from exc
+    """Fail fast (StorageError) when the saver's storage cannot be reached, before any worker starts
+    (``preflight.check_storage``); a local base folder is then created."""
+    check_storage(saver)
+    if saver.store.is_local:
+        os.makedirs(saver.store.root, exist_ok=True)
 
 
 class DistributedExtractor:
