@@ -22,7 +22,7 @@ from ..storage.fs import read_bytes
 from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.layout import new_run_id as _new_run_id
 from ..storage.query import normalise
-from ..storage.runs import RunHandle, RunWriter, read_marker, read_record, run_dir
+from ..storage.runs import RunAlreadyCommittedError, RunHandle, RunWriter, read_marker, read_record, run_dir
 from . import index as _index
 from .evidence import RunEvidence
 from .events import RunEvents
@@ -231,7 +231,11 @@ class DistributedExtractor:
             missing = sorted(set(range(n_parts)) - committed)
             raise DistributedError(f"run {run.run_id}: parts {missing[:20]} are not committed; nothing was published. "
                                    f"Resume with run_id={run.run_id!r}, resume=True.")
-        url = writer.commit_run(run, n_rows=n_rows, statistics=statistics)  # statistics: merged before _SUCCESS
+        try:
+            url = writer.commit_run(run, n_rows=n_rows, statistics=statistics)  # statistics: merged before _SUCCESS
+        except RunAlreadyCommittedError:  # another driver resuming the same run published it first: same parts
+            _LOG.info("run %s was committed by another driver meanwhile; its parts are these", run.run_id)
+            return run.url
         entry_path = writer.store.path(CATALOG_DIR, run.experiment, f"{run.run_id}.json")
         try:
             entry = json.loads(read_bytes(writer.store, entry_path))
