@@ -90,7 +90,6 @@ def extract(
 def _print_plan(job: Any, as_json: bool) -> None:
     from ..distributed.plan import plan_extraction
 
-
     plan = plan_extraction(job.source, job.dataset, job.positions, job.config, job.saver,
                            num_workers=job.num_workers, num_gpus_per_worker=job.gpus_per_worker,
                            batch_size=job.batch_size, partition_size=job.partition_size, logit_lens=job.lens,
