@@ -18,12 +18,7 @@ from easyroutine_dist.storage import layout
 from easyroutine_dist.storage.runs import RunWriter
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _proc import rss_mb as _rss_mb  # noqa: E402 (scripts run from benchmarks/)
 
 
 def bench(n: int) -> tuple[float, float, int]:

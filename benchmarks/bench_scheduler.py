@@ -44,12 +44,7 @@ class _Bar:
         pass
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _proc import rss_mb as _rss_mb  # noqa: E402 (scripts run from benchmarks/)
 
 
 def run_sim(actors: list, n_workers: int, n_parts: int, compute_s: float, in_flight: int = 2) -> dict:
