@@ -86,8 +86,8 @@ def test_index_holds_no_credentials(monkeypatch, tmp_path):
     class FakeIndex:
         class register:  # noqa: N801 - mimics an actor method
             @staticmethod
-            def remote(*args):
-                calls.append(args)
+            def remote(*args, **kwargs):  # kwargs: e.g. caller_node for local roots
+                calls.append((*args, kwargs))
 
     monkeypatch.setattr(index, "get_index", lambda create=True: FakeIndex)
     monkeypatch.setattr(index.ray, "get", lambda ref, timeout=None: None)
