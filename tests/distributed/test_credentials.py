@@ -91,6 +91,7 @@ def test_index_holds_no_credentials(monkeypatch, tmp_path):
 
     monkeypatch.setattr(index, "get_index", lambda create=True: FakeIndex)
     monkeypatch.setattr(index.ray, "get", lambda ref, timeout=None: None)
+    monkeypatch.setattr(index.ray, "is_initialized", lambda: True)  # as in a driver; the fake stands for the actor
     store = resolve("memory://creds-index")
     store.protocol, store.storage_options = "s3", {"key": "AKIAX", "secret": "sekrit", "client_kwargs": {"a": 1}}
     index.register_run(store, {"run_id": "r", "experiment_name": "e"})
