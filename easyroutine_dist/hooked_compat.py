@@ -31,14 +31,11 @@ class DeviceName(str):
 
 
 def hf_load_kwargs(device_map: Any = None, dtype: Any = None, attn_implementation: str | None = None,
-                   torch_dtype: Any = None, **rest: Any) -> dict[str, Any]:
-    """easyroutine's ``from_pretrained`` keywords -> transformers v5's (``torch_dtype`` -> ``dtype``, attention
-    aliases). ``batch_size`` is easyroutine's default batch size: kept
-    on the model, not passed to transformers."""
-    rest.pop("batch_size", None)
+                   **rest: Any) -> dict[str, Any]:
+    """``from_pretrained`` keywords -> transformers v5's: ``dtype`` names become torch dtypes and easyroutine's
+    attention aliases are mapped (``HookedModel.from_pretrained`` has already turned ``torch_dtype`` into ``dtype``
+    and kept ``batch_size`` on the model)."""
     out = dict(rest)
-    if dtype is None:
-        dtype = torch_dtype
     if device_map is not None:
         out["device_map"] = device_map
     if dtype is not None:

@@ -440,7 +440,8 @@ class _ExampleMean:
 
     def result(self) -> ActivationCache:
         out = ActivationCache()
-        assert self.layout is not None
+        if self.layout is None:
+            raise ConfigError("extract_cache with avg_over_example saw no batch to average; pass at least one batch.")
         for new, key in rename_avg_patterns({k: k for k in self.sums}, self.layout).items():
             total, count = self.sums[key]
             dtype = self.dtypes[key]
