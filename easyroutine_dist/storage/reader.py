@@ -37,7 +37,7 @@ from ..slots import LAYOUT_KEY, MASK_KEYS, POS, VALID_KEY, SlotLayout, relayout
 from ..statistics import sample_mask
 from .fs import Store, resolve
 from .runs import read_marker, run_dir
-from .shards import read_shard
+from .shards import read_part_shards
 from .stats import ordered_map, stored_statistics
 
 UNITS = ("rows", "tokens")
@@ -118,6 +118,18 @@ class _Gather:
         return self.src.index_select(0, self.idx)
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch. In a DataLoader worker it is allocated in shared memory (as torch's
+    ``default_collate`` does), so handing it to the main process does not copy it once more."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = 1
+    for n in shape:
+        numel *= n
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 def _n(d: dict[str, Any]) -> int:
     return len(next(iter(d.values())))
 
@@ -127,48 +139,87 @@ def _real(v: Any) -> torch.Tensor:
 
 
 class _Batcher:
-    """Batches of ``batch_size`` samples. Without a generator: in arrival order. With one: a shuffle buffer that
-    keeps about ``capacity`` samples in preallocated tensors and releases each batch as ``batch_size`` samples drawn
-    uniformly from it (their slots are refilled from the buffer's tail), so every sample is copied about twice."""
+    """Batches of ``batch_size`` samples. Without a generator: in arrival order. With one: a shuffle pool of about
+    ``capacity`` pending samples that *refers* to the parts they came from (nothing is copied into a buffer); each
+    batch is ``batch_size`` samples drawn uniformly without replacement from the pool, gathered straight from their
+    parts into the batch, so every sample is copied once. Within a batch, samples come grouped by part (the batch's
+    contents are the random draw; its order does not matter to a loss averaged over the batch). A part is released
+    when its last pending sample is drawn; if stragglers hold more than ``4 x`` the pool's worth of part rows, the
+    pending samples are compacted into one chunk (one more copy of those samples only)."""
 
     def __init__(self, batch_size: int, capacity: int, generator: Optional[torch.Generator]) -> None:
         self.batch_size, self.capacity, self.gen = batch_size, capacity, generator
-        self.buf: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.chunks: dict[int, tuple[dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]], int]] = {}
+        self.left: dict[int, int] = {}  # chunk -> pending samples
+        self.cid = torch.empty(0, dtype=torch.int64)  # pending sample -> its chunk
+        self.loc = torch.empty(0, dtype=torch.int64)  # pending sample -> its index in the chunk
+        self.next_id = 0
         self.carry: list[dict[str, torch.Tensor]] = []  # in-order mode: samples not yet in a batch
+
+    @property
+    def n(self) -> int:
+        return int(self.cid.shape[0])
+
+    def _held(self) -> int:
+        return sum(size for _, size in self.chunks.values())
 
     def _append(self, samples: dict[str, Any]) -> None:
         m = _n(samples)
-        size = next(iter(self.buf.values())).shape[0] if self.buf else 0
-        if self.n + m > size:  # grow (amortised doubling; the buffer settles at about capacity + one part)
-            new = max(self.n + m, min(2 * size, self.capacity + m) if size else self.capacity + m)
-            grown = {}
-            for k, v in samples.items():
-                t = v.src if isinstance(v, _Gather) else v
-                grown[k] = torch.empty((new, *t.shape[1:]), dtype=t.dtype)
-            for k, v in self.buf.items():
-                grown[k][:self.n] = v[:self.n]
-            self.buf = grown
-        for k, v in samples.items():
-            if isinstance(v, _Gather):
-                torch.index_select(v.src, 0, v.idx, out=self.buf[k][self.n:self.n + m])
-            else:
-                self.buf[k][self.n:self.n + m] = v
-        self.n += m
+        cols = {k: (v.src, v.idx) if isinstance(v, _Gather) else (v, None) for k, v in samples.items()}
+        c, self.next_id = self.next_id, self.next_id + 1
+        self.chunks[c], self.left[c] = (cols, m), m
+        self.cid = torch.cat([self.cid, torch.full((m,), c, dtype=torch.int64)])
+        self.loc = torch.cat([self.loc, torch.arange(m, dtype=torch.int64)])
+        if self._held() > 4 * (self.capacity + self.batch_size):
+            self._compact()
+
+    def _gather(self, cid: torch.Tensor, loc: torch.Tensor, batch: bool = True) -> dict[str, torch.Tensor]:
+        """The samples ``(cid, loc)`` (sorted by chunk), each copied once into new contiguous tensors (for a
+        ``batch``: shared memory in a DataLoader worker)."""
+        keys = next(iter(self.chunks.values()))[0]
+        new = _batch_tensor if batch else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        out = {k: new((len(cid), *src.shape[1:]), src.dtype) for k, (src, _) in keys.items()}
+        chunk_ids, counts = torch.unique_consecutive(cid, return_counts=True)
+        a = 0
+        for c, cnt in zip(chunk_ids.tolist(), counts.tolist()):
+            cols, _ = self.chunks[c]
+            rows_local = loc[a:a + cnt]
+            for k, (src, idx) in cols.items():
+                rows = rows_local if idx is None else idx.index_select(0, rows_local)
+                torch.index_select(src, 0, rows, out=out[k][a:a + cnt])
+            a += cnt
+        return out
+
+    def _compact(self) -> None:
+        order = torch.argsort(self.cid * (int(self.loc.max()) + 1 if self.n else 1) + self.loc)
+        cid, loc = self.cid[order], self.loc[order]
+        merged = self._gather(cid, loc, batch=False)
+        c, self.next_id = self.next_id, self.next_id + 1
+        self.chunks = {c: ({k: (v, None) for k, v in merged.items()}, self.n)}
+        self.left = {c: self.n}
+        self.cid = torch.full((self.n,), c, dtype=torch.int64)
+        self.loc = torch.arange(self.n, dtype=torch.int64)
 
     def _take(self, count: int) -> dict[str, torch.Tensor]:
-        """``count`` samples drawn at random from the buffer, removed from it."""
-        idx = torch.randperm(self.n, generator=self.gen)[:count]
-        batch = {k: v[idx] for k, v in self.buf.items()}
-        end = self.n - count
-        taken = torch.zeros(self.n, dtype=torch.bool)
+        """``count`` samples drawn at random from the pool, removed from it."""
+        n = self.n
+        idx = torch.randperm(n, generator=self.gen)[:count]
+        cid, loc = self.cid[idx], self.loc[idx]
+        order = torch.argsort(cid * (int(loc.max()) + 1) + loc)  # grouped by chunk: one gather per part and key
+        cid, loc = cid[order], loc[order]
+        batch = self._gather(cid, loc)
+        end = n - count  # the drawn samples' places are refilled from the tail samples that stay
+        taken = torch.zeros(n, dtype=torch.bool)
         taken[idx] = True
-        holes = idx[idx < end]  # refilled from the tail samples that stay
-        tail = torch.arange(end, self.n)[~taken[end:]]
-        if len(holes):
-            for v in self.buf.values():
-                v[holes] = v[tail]
-        self.n = end
+        holes = idx[idx < end]
+        tail = torch.arange(end, n)[~taken[end:]]
+        self.cid[holes], self.loc[holes] = self.cid[tail], self.loc[tail]
+        self.cid, self.loc = self.cid[:end], self.loc[:end]
+        chunk_ids, counts = torch.unique_consecutive(cid, return_counts=True)
+        for c, cnt in zip(chunk_ids.tolist(), counts.tolist()):
+            self.left[c] -= cnt
+            if not self.left[c]:  # its last sample is out: the part's tensors are released
+                del self.left[c], self.chunks[c]
         return batch
 
     def _in_order(self, final: bool) -> Iterator[dict[str, torch.Tensor]]:
@@ -343,9 +394,7 @@ class RunDataset(IterableDataset):
     def _load(self, store: Store, i: int, a: int, b: int) -> dict[str, torch.Tensor]:
         part = self.parts[i]
         wanted = list(self.keys) + [k for k in MASK_KEYS if k not in self.keys]
-        tensors: dict[str, torch.Tensor] = {}
-        for sh in part.shards:
-            tensors.update(read_shard(store, f"{self.rdir}/shards/{sh['file']}", sh, wanted))
+        tensors = read_part_shards(store, f"{self.rdir}/shards", part.shards, wanted)  # streamed parts: rows joined
         tensors = {k: v[a:b] for k, v in tensors.items()}
         first_row = part.start + a
         if self.unit == "tokens":

@@ -195,3 +195,29 @@ def test_set_epoch_reaches_persistent_workers(stored):
         fresh.append([b["row_index"].tolist() + b["slot"].tolist() for b in DataLoader(ds_n, batch_size=None,
                                                                                          num_workers=2)])
     assert seen == fresh and seen[0] != seen[1]
+
+
+def test_shuffle_pool_draws_each_sample_once_and_holds_bounded_memory():
+    """The shuffle pool refers to parts instead of copying them: every sample comes out exactly once with its own
+    values, and parts whose stragglers linger are compacted, so the rows held stay within the documented bound."""
+    from easyroutine_dist.storage.reader import _Batcher, _Gather
+
+    batch, capacity, part_rows = 16, 64, 40
+    pool = _Batcher(batch, capacity, torch.Generator().manual_seed(3))
+    seen, peak = [], 0
+    for p in range(30):
+        ids = torch.arange(p * part_rows, (p + 1) * part_rows)
+        feats = ids.to(torch.float64)[:, None].repeat(1, 3)  # each sample's features are its own id
+        src = feats.flip(0)  # a gathered key: sample j lives at row part_rows - 1 - j of its source
+        samples = {"x": _Gather(src, torch.arange(part_rows - 1, -1, -1)), "id": ids}
+        for b in pool.add(samples):
+            seen.append(b)
+        peak = max(peak, pool._held())
+    seen.extend(pool.flush())
+    ids = torch.cat([b["id"] for b in seen])
+    assert sorted(ids.tolist()) == list(range(30 * part_rows))  # exactly once
+    for b in seen:
+        assert torch.equal(b["x"], b["id"].to(torch.float64)[:, None].repeat(1, 3))  # values travel with their id
+    assert all(len(b["id"]) == batch for b in seen[:-1])
+    assert peak <= 4 * (capacity + batch) + part_rows  # compaction keeps the rows held bounded
+    assert ids.tolist() != sorted(ids.tolist())  # and it did shuffle
