@@ -14,7 +14,9 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
    checksummed), pushes their rows or real token slots through a shuffle buffer of ``shuffle_buffer`` samples
    (seeded from ``(seed, epoch, g)``) and yields batches of ``batch_size`` (the reader's last batch may be smaller).
 
-Memory per reader: about ``prefetch + 1`` parts' requested tensors plus the buffer, whatever the run's size.
+Memory per reader: about ``prefetch + 1`` parts' requested tensors plus the parts the shuffle pool still draws from
+(at most ``4 x (shuffle_buffer + batch_size)`` rows or slots of them, then the stragglers are compacted), whatever
+the run's size.
 Call ``set_epoch(n)`` before each epoch: the epoch lives in shared memory, so the DataLoader's workers see it,
 persistent ones included (``persistent_workers=True`` also keeps each worker's S3 client). The same
 ``(seed, epoch, world_size, num_workers)`` gives the same batches.
