@@ -36,7 +36,27 @@ def _cat_tensors(key: str, chunks: list[torch.Tensor]) -> Any:
         logger.warning("ActivationCache.cat: %r has chunks of shapes %s that cannot be concatenated on the batch axis; "
                        "keeping them as a list", key, sorted({tuple(c.shape) for c in chunks}))
         return list(chunks)
-    return torch.cat(chunks, dim=0)
+    return cat_rows(chunks)
+
+
+def cat_rows(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(chunks, dim=0)`` (chunks ``[n_i, ...]`` -> ``[sum n_i, ...]``). Large CPU chunks of one dtype are
+    copied byte for byte into one preallocated tensor by a plain memcpy: torch's parallel copy kernels run many
+    times slower when the other cores are busy (a loaded node, DataLoader workers), and a concatenation is memory
+    bound, so threads do not speed it up anyway."""
+    first = chunks[0]
+    plain = all(c.device.type == "cpu" and c.dtype == first.dtype and c.is_contiguous() and not c.requires_grad
+                and c.shape[1:] == first.shape[1:] for c in chunks)
+    if not plain or sum(c.nbytes for c in chunks) < (1 << 20):
+        return torch.cat(chunks, dim=0)
+    out = torch.empty((sum(c.shape[0] for c in chunks), *first.shape[1:]), dtype=first.dtype)
+    dst = out.reshape(-1).view(torch.uint8).numpy()
+    at = 0
+    for c in chunks:
+        if c.nbytes:
+            dst[at:at + c.nbytes] = c.reshape(-1).view(torch.uint8).numpy()
+            at += c.nbytes
+    return out
 
 
 def _merge_values(key: str, old: Any, new: Any) -> Any:

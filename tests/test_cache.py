@@ -158,3 +158,19 @@ def test_ci_runs_the_readme_test_command():
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == readme[4].strip()
     assert "README.md" in open(".ci/run").read()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int64, torch.float16])
+def test_cat_rows_equals_torch_cat(dtype):
+    """The memcpy path of cat_rows (large CPU chunks) gives torch.cat's result, empty chunks included; chunks it
+    cannot copy bytewise (mixed dtypes, a non-contiguous view) go through torch.cat's promotion rules."""
+    from easyroutine_dist.cache import cat_rows
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(n, 64, 33, generator=g) * 5).to(dtype) for n in (300, 0, 400, 1)]  # > 1 MiB in all
+    assert sum(c.nbytes for c in chunks) >= 1 << 20
+    assert torch.equal(cat_rows(chunks), torch.cat(chunks))
+    mixed = [torch.ones(300, 64, 33), torch.ones(300, 64, 33, dtype=torch.float64).transpose(1, 2).transpose(1, 2)]
+    assert cat_rows(mixed).dtype == torch.cat(mixed).dtype == torch.float64
+    view = torch.arange(600 * 64 * 33, dtype=torch.float32).reshape(33, 64, 600).permute(2, 1, 0)
+    assert torch.equal(cat_rows([view, view]), torch.cat([view, view]))
