@@ -88,6 +88,14 @@ def check_run_id(run_id: object) -> str:
     return run_id
 
 
+def all_run_ids(values: list) -> bool:
+    """True when :func:`check_run_id` accepts every value (one pass in C: bulk checks of names read back)."""
+    try:
+        return all(map(_RUN_ID_RE.match, values))
+    except TypeError:  # a value that is not a str
+        return False
+
+
 def run_rel(experiment: str, slug: str, run_id: str) -> str:
     return f"{experiment}/{slug}/{run_id}"
 
