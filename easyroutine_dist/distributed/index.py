@@ -25,7 +25,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ..errors import ConfigError
 from ..storage.catalog import Catalog
 from ..storage.fs import Store, resolve
-from ..storage.providers import register_query_provider
+from ..storage.providers import register_query_provider, take_changed
 from ..storage.selection import select
 from .credentials import credential_fingerprint, public_options, secret_paths
 
@@ -37,6 +37,11 @@ QUERY_TIMEOUT_S = 2.0
 #: storage roots the index holds in memory at once (least recently used evicted; an evicted root reloads from
 #: storage on its next query)
 MAX_ROOTS = 8
+#: seconds the index trusts an experiment's listing before listing it again (object stores: one LIST per 1,000
+#: runs). Runs registered through the index are seen at once; runs committed by writers that bypass it (no Ray,
+#: another cluster) are seen within this bound. Set ``EASYROUTINE_DIST_INDEX_TRUST_S`` where the index is created.
+TRUST_S = 2.0
+TRUST_ENV = "EASYROUTINE_DIST_INDEX_TRUST_S"
 _LOG = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 _WARN_LOCK = threading.Lock()
@@ -63,10 +68,11 @@ class MetadataIndex:
     catalog is rebuilt when those credentials change (rotation), keeping nothing older than the current ones.
     """
 
-    def __init__(self, max_roots: int = MAX_ROOTS) -> None:
+    def __init__(self, max_roots: int = MAX_ROOTS, trust_s: float = TRUST_S) -> None:
         # root key -> (credential digest, catalog), least recently used first; at most max_roots held
         self._catalogs: OrderedDict[str, tuple[str, Catalog]] = OrderedDict()
         self.max_roots = max_roots
+        self.trust_s = trust_s  # an experiment listed less than trust_s ago is not listed again (Catalog.trust_s)
         self.started_at = time.time()
         self.registered = 0
         self.queries = 0
@@ -81,7 +87,7 @@ class MetadataIndex:
         creds = credential_fingerprint()
         held = self._catalogs.get(key)
         if held is None or held[0] != creds:  # first use since (re)start or eviction, or rotated credentials
-            cat = Catalog(resolve(base_url, storage_options))
+            cat = Catalog(resolve(base_url, storage_options), trust_s=self.trust_s)
             self._catalogs[key] = (creds, cat)
             while len(self._catalogs) > self.max_roots:  # least recently used first; it reloads from storage
                 self._catalogs.popitem(last=False)
@@ -102,15 +108,20 @@ class MetadataIndex:
         return caller_node is not None and self.node_id is not None and caller_node != self.node_id
 
     def query(self, base_url: str, storage_options: Optional[dict[str, Any]], experiment: Optional[str],
-              criteria: dict[str, Any], caller_node: Optional[str] = None) -> Optional[dict[str, Any]]:
+              criteria: dict[str, Any], caller_node: Optional[str] = None,
+              refresh: bool = False) -> Optional[dict[str, Any]]:
         """``{"count": n, "entries": [...]}``: the entries matching normalised ``criteria``, oldest first.
 
         Evaluated here by :func:`~easyroutine_dist.storage.selection.select`, the loader's own code, so the answer
-        is the one the loader would compute and its size grows with the matches, not with the archive."""
+        is the one the loader would compute and its size grows with the matches, not with the archive. A listing
+        is trusted for ``trust_s`` seconds; ``refresh`` (a caller that changed the experiment itself) lists again."""
         if self._elsewhere(base_url, caller_node):
             return None
         self.queries += 1
-        found = select(self._catalog(base_url, storage_options), experiment, criteria)
+        catalog = self._catalog(base_url, storage_options)
+        if refresh:
+            catalog.forget(experiment)
+        found = select(catalog, experiment, criteria)
         return {"count": len(found), "entries": found}
 
     def find_run(self, base_url: str, storage_options: Optional[dict[str, Any]], run_id: str,
@@ -137,7 +148,7 @@ class MetadataIndex:
         roots = sorted({json.loads(k)[0] for k in self._catalogs})
         return {"pid": os.getpid(), "started_at": self.started_at, "roots": roots,
                 "registered": self.registered, "queries": self.queries, "max_roots": self.max_roots,
-                "node_id": self.node_id}
+                "node_id": self.node_id, "trust_s": self.trust_s}
 
 
 def _node_id() -> Optional[str]:
@@ -160,6 +171,21 @@ def store_key(store: Store) -> Optional[str]:
     return store.url(store.root)
 
 
+def trust_from_env() -> float:
+    """``EASYROUTINE_DIST_INDEX_TRUST_S`` (seconds >= 0) or :data:`TRUST_S`; ConfigError naming it when invalid."""
+    raw = os.environ.get(TRUST_ENV)
+    if raw is None or not raw.strip():
+        return TRUST_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < float("inf"):
+        raise ConfigError(f"{TRUST_ENV}={raw!r} is not allowed: give the seconds (a number >= 0) the metadata "
+                          f"index trusts a listing before listing again, e.g. {TRUST_S} (0: list on every query).")
+    return value
+
+
 def get_index(create: bool = True) -> Optional[Any]:
     """The index actor handle (created if missing and ``create``); None when Ray is down or it does not exist."""
     if not ray.is_initialized():
@@ -167,7 +193,7 @@ def get_index(create: bool = True) -> Optional[Any]:
     if create:
         return ray.remote(MetadataIndex).options(
             name=INDEX_NAME, namespace=INDEX_NAMESPACE, lifetime="detached", get_if_exists=True,
-            max_restarts=-1, max_task_retries=-1, num_cpus=0).remote()
+            max_restarts=-1, max_task_retries=-1, num_cpus=0).remote(trust_s=trust_from_env())
     try:
         return ray.get_actor(INDEX_NAME, namespace=INDEX_NAMESPACE)
     except ValueError:
@@ -198,7 +224,7 @@ def register_run(store: Store, entry: dict[str, Any], timeout_s: float = QUERY_T
 def _query_provider(store: Store, experiment: Optional[str],
                     criteria: Optional[dict[str, Any]] = None) -> Optional[list[dict[str, Any]]]:
     """The entries matching ``criteria`` (None: all), evaluated inside the index; None when it cannot answer."""
-    answer = _ask("query", store, experiment, dict(criteria or {}))
+    answer = _ask("query", store, experiment, dict(criteria or {}), refresh=take_changed(store, experiment))
     return None if answer is None else answer["entries"]
 
 
@@ -208,7 +234,7 @@ def find_run(store: Store, run_id: str, experiment: Optional[str] = None) -> lis
     return Catalog(store).find_run(run_id, experiment) if found is None else found
 
 
-def _ask(method: str, store: Store, *args: Any) -> Any:
+def _ask(method: str, store: Store, *args: Any, **kwargs: Any) -> Any:
     key = store_key(store)
     if key is None or not ray.is_initialized() or secret_paths(store.storage_options):
         return None  # a caller with its own secrets reads the catalog itself: they never reach the index
@@ -219,7 +245,8 @@ def _ask(method: str, store: Store, *args: Any) -> Any:
             if index is None:
                 return None
             answer = ray.get(getattr(index, method).remote(key, public_options(store.storage_options), *args,
-                                                           caller_node=_node_id() if store.is_local else None),
+                                                           caller_node=_node_id() if store.is_local else None,
+                                                           **kwargs),
                              timeout=max(0.1, deadline - time.monotonic()))
         except (ActorUnavailableError, RayActorError) as exc:
             if time.monotonic() + 0.2 < deadline:

@@ -26,7 +26,7 @@ import time
 from typing import Any, Optional
 
 from ..errors import MetadataError, StorageError
-from . import layout, snapshots
+from . import layout, providers, snapshots
 from .markers import read_manifest  # (not .runs: runs imports catalog, never the reverse)
 from .fs import ObjectNotFoundError, Store, exists, list_names, read_bytes, remove, retrying, write_bytes
 
@@ -36,19 +36,25 @@ _LOG = logging.getLogger(__name__)
 COMPACT_AFTER = 64
 #: a local directory mtime is trusted to mean "unchanged" only when it is this much older than the listing
 MTIME_MARGIN_NS = 2_000_000_000
+_clock = time.monotonic  # (the clock of ``trust_s``; tests move it)
 
 
 class Catalog:
-    """Index of committed runs of one storage root. Thread-safe; a Ray actor can wrap one instance."""
+    """Index of committed runs of one storage root. Thread-safe; a Ray actor can wrap one instance.
 
-    def __init__(self, store: Store) -> None:
+    ``trust_s`` > 0: an experiment listed less than ``trust_s`` seconds ago is not listed again (runs taken in by
+    :meth:`note` or :meth:`add` are seen at once; others, committed by writers that bypass this instance, within
+    ``trust_s``). 0 (default): every query checks the listing (local disk: a directory mtime, once it is 2 s old)."""
+
+    def __init__(self, store: Store, trust_s: float = 0.0) -> None:
         self.store = store
+        self.trust_s = trust_s
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, dict[str, Any]]] = {}  # experiment -> {file name: entry}
         self._snap_loaded: set[str] = set()
         self._segments: dict[str, dict[str, int]] = {}  # experiment -> {snapshot segment: entries} known
-        # experiment -> (listed names, sorted entries, directory mtime before listing, listing time)
-        self._listing: dict[str, tuple[set[str], list[dict[str, Any]], int | None, int]] = {}
+        # experiment -> (listed names, sorted entries, directory mtime before listing, listing time, _clock() then)
+        self._listing: dict[str, tuple[set[str], list[dict[str, Any]], int | None, int, float]] = {}
         # experiment -> (the sorted entry list it was built from, {(field, subkey): {json value: entries}})
         self._index: dict[str, tuple[list[dict[str, Any]], dict[tuple[str, str | None], dict[str, list]]]] = {}
         self._warned: set[str] = set()  # files already warned about (one WARNING per file and cause)
@@ -86,6 +92,7 @@ class Catalog:
         with self._lock:
             self._cache.setdefault(exp, {})[f"{run_id}.json"] = entry
             self._listing.pop(exp, None)
+        providers.mark_changed(self.store, exp)  # this process' next query through an index re-lists it
 
     def note(self, entry: dict[str, Any]) -> int:
         """Take a run whose entry is already in storage (written by its committer) into memory, in O(1) time.
@@ -139,6 +146,15 @@ class Catalog:
         with self._lock:
             self._cache.get(experiment, {}).pop(f"{run_id}.json", None)
             self._listing.pop(experiment, None)
+        providers.mark_changed(self.store, experiment)
+
+    def forget(self, experiment: Optional[str] = None) -> None:
+        """Drop the listing of ``experiment`` (None: all) so the next query lists it again (``trust_s`` aside)."""
+        with self._lock:
+            if experiment is None:
+                self._listing.clear()
+            else:
+                self._listing.pop(experiment, None)
 
     def entries(self, experiment: str | None = None) -> list[dict[str, Any]]:
         """Entries of one experiment (or all), sorted oldest first. Reads only entries not seen before."""
@@ -319,6 +335,10 @@ class Catalog:
             return None
 
     def _refresh(self, exp: str) -> list[dict[str, Any]]:
+        with self._lock:
+            last = self._listing.get(exp)
+            if last is not None and _clock() - last[4] < self.trust_s:
+                return last[1]  # listed moments ago: trusted for trust_s seconds
         mtime = self._dir_mtime(exp)
         with self._lock:
             last = self._listing.get(exp)
@@ -327,13 +347,13 @@ class Catalog:
             # tick as the listed one cannot go unseen.
             if last is not None and mtime is not None and last[2] == mtime and last[3] - mtime > MTIME_MARGIN_NS:
                 return last[1]
-        listed_at = time.time_ns()
+        listed_at, listed_clock = time.time_ns(), _clock()
         names = set(retrying(lambda: list_names(self.store, self._dir(exp)),
                              f"listing {self.store.url(self._dir(exp))}"))
         with self._lock:
             last = self._listing.get(exp)
             if last is not None and last[0] == names:
-                self._listing[exp] = (names, last[1], mtime, listed_at)
+                self._listing[exp] = (names, last[1], mtime, listed_at, listed_clock)
                 return last[1]  # directory unchanged since the last query: reuse the sorted entries
             cache = self._cache.setdefault(exp, {})
             wanted = [n for n in names if n.endswith(".json") and ".tmp-" not in n]
@@ -381,7 +401,7 @@ class Catalog:
                 # (cache holds listed names only now; in snapshot order, which is sorted: timsort is ~linear)
                 current = sorted(cache.values(), key=_order)
             if len(current) == len(wanted):  # every listed entry is known: safe to reuse for this listing
-                self._listing[exp] = (names, current, mtime, listed_at)
+                self._listing[exp] = (names, current, mtime, listed_at, listed_clock)
             snapshot = fresh if len(fresh) >= COMPACT_AFTER else None
         if snapshot is not None:
             self._write_snapshot(exp, snapshot)

@@ -22,6 +22,28 @@ _LOCK = threading.Lock()
 _PROVIDERS: dict[str, QueryProvider] = {}
 _LOG = logging.getLogger(__name__)
 _WARNED: set[tuple[str, str]] = set()
+_CHANGED: set[tuple[str, str]] = set()  # (root URL, experiment) this process changed since its last query
+
+
+def _root(store: Store) -> str:
+    return store.url(store.root)
+
+
+def mark_changed(store: Store, experiment: str) -> None:
+    """Note that this process added, moved or removed a run of ``experiment`` (``Catalog.add``/``discard``): a
+    provider that caches listings (the metadata index trusts one for a few seconds) is asked to re-list it on this
+    process' next query, so a process always sees its own changes."""
+    with _LOCK:
+        _CHANGED.add((_root(store), experiment))
+
+
+def take_changed(store: Store, experiment: Optional[str]) -> bool:
+    """True (once) when this process changed ``experiment`` (None: any experiment) of ``store`` since the last call."""
+    root = _root(store)
+    with _LOCK:
+        hit = {k for k in _CHANGED if k[0] == root and (experiment is None or k[1] == experiment)}
+        _CHANGED.difference_update(hit)
+    return bool(hit)
 
 
 def register_query_provider(name: str, provider: QueryProvider) -> None:
