@@ -314,6 +314,7 @@ class HookedModel(EasyroutineMembers):
                       batch_saver: Callable[[dict[str, Any]], dict[str, Any] | None] = lambda batch: None,
                       move_to_cpu_after_forward: bool = True, *, position_seed: int = 0, row_offset: int = 0,
                       self_check: str = "off", register_aggregation: tuple[str, Callable[[Any, Any], Any]] | None = None,
+                      on_batch: Callable[[ActivationCache], None] | None = None,
                       **forward_kwargs: Any) -> ActivationCache:
         """Forward every batch of ``dataloader`` (any iterable, generators included) and concatenate the caches
         along the batch axis in linear time, in one slot layout. Each batch may carry ``pivot_positions``;
@@ -322,6 +323,8 @@ class HookedModel(EasyroutineMembers):
         result is ``[1, ...]``: the mean over every row of every batch that is real at each slot (patterns as
         ``avg_pattern_L{l}H{h}``). A batch's ``vocabulary_index`` asks for ``input_embeddings_gradients`` (see
         ``forward``); ``register_aggregation=(prefix, fn)`` registers ``fn(old, new)`` on the result cache.
+        ``on_batch(cache)`` (not with ``avg_over_example``) takes each batch's cache as it completes instead of
+        keeping it: the result then holds only the metadata (workers stream batches to storage).
         Adds ``cache["metadata"]``, with ``provenance`` and, unless ``self_check="off"``, the self-check of the
         first batch (``"error"`` raises SelfCheckError before that batch runs when it fails; docs/provenance.md)."""
         from .selfcheck import watch
@@ -353,6 +356,9 @@ class HookedModel(EasyroutineMembers):
             if extra:
                 for k, v in extra.items():
                     cache[k] = v if isinstance(v, torch.Tensor) else [v]
+            if on_batch is not None:
+                on_batch(cache)  # streamed: this batch is not kept
+                continue
             parts.append(cache)
         if not n_batches:
             raise ConfigError("extract_cache got an empty dataloader; pass at least one batch.")

@@ -63,7 +63,7 @@ def load_row(store: Any, entry: dict[str, Any], row: int,
     from ..cache import ActivationCache
     from ..slots import MASK_KEYS
     from ..storage.runs import read_marker, run_dir
-    from ..storage.shards import read_shard
+    from ..storage.shards import read_part_shards
 
     rdir = run_dir(store, entry)
     n_rows = entry.get("n_rows")
@@ -73,9 +73,7 @@ def load_row(store: Any, entry: dict[str, Any], row: int,
         if row < offset + rows:
             keys = select(list(rec["keys"]))
             wanted = keys + [k for k in (*MASK_KEYS, "input_ids") if k in rec["keys"] and k not in keys]
-            tensors: dict[str, Any] = {}
-            for sh in rec["shards"]:
-                tensors.update(read_shard(store, f"{rdir}/shards/{sh['file']}", sh, wanted))
+            tensors: dict[str, Any] = read_part_shards(store, f"{rdir}/shards", rec["shards"], wanted)
             ordered = {k: tensors[k] for k in rec["keys"] if k in tensors}
             return ActivationCache.from_flat(ordered, rec["info"]), row - offset, list(rec["keys"])
         offset += rows

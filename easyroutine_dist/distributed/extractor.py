@@ -64,6 +64,8 @@ class DistributedExtractor:
             are refused, since workers and the index take credentials from their own environment (env vars,
             instance role, mounted profile). True sends them through Ray: they then enter its object store (which
             may spill to disk) and the workers' creation arguments (docs/cluster.md, "Credentials").
+        max_inflight_bytes: per worker, the most bytes of finished batches waiting for storage (default 512 MiB);
+            a forward faster than its storage then waits (docs/design.md, "Streaming partitions").
     Each call logs its events (:mod:`.events`: the run id and how to resume it before any model loads, each part,
     a summary); ``resume_command``: None, or a function of the run id giving the command that resumes it.
     """
@@ -72,7 +74,10 @@ class DistributedExtractor:
                  num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1,
                  model_kwargs: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
                  max_in_flight_per_worker: int = 2, max_worker_restarts: int = 3, max_part_attempts: int = 4,
-                 ship_credentials: bool = False) -> None:
+                 ship_credentials: bool = False, max_inflight_bytes: Optional[int] = None) -> None:
+        from ..storage.streaming import check_inflight_bytes
+
+        self.max_inflight_bytes = check_inflight_bytes(max_inflight_bytes)  # per worker: batches awaiting storage
         problems = []
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             problems.append(f"num_workers={num_workers!r} must be an int >= 1")
@@ -388,7 +393,8 @@ class DistributedExtractor:
         shards, requests, memory, time; :func:`easyroutine_dist.distributed.plan.plan_extraction`)."""
         from .plan import plan_extraction
         return plan_extraction(self.source, dataset, target_token_positions, extraction_config, saver,
-                               num_workers=self.num_workers, num_gpus_per_worker=self.num_gpus_per_worker, **kwargs)
+                               num_workers=self.num_workers, num_gpus_per_worker=self.num_gpus_per_worker,
+                               **{"max_inflight_bytes": self.max_inflight_bytes, **kwargs})
 
     def _storage(self, saver: Any) -> dict[str, Any]:
         """What workers need to open ``saver``'s storage: without secrets unless ``ship_credentials``."""
@@ -396,7 +402,8 @@ class DistributedExtractor:
         options = dict(store.storage_options) if self.ship_credentials else public_options(store.storage_options)
         return {"base_dir": store.url(store.root), "storage_options": options,
                 "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable),
-                "checksum": getattr(saver.writer, "checksum", None)}
+                "checksum": getattr(saver.writer, "checksum", None),
+                "max_inflight_bytes": getattr(self, "max_inflight_bytes", None)}
 
     def logit_lens(self, run: Any, saver: Any, logit_lens: dict[str, Any], tag: Optional[str] = None,
                    other_metadata: Optional[dict[str, Any]] = None, run_id: Optional[str] = None,

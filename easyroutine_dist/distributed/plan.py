@@ -89,6 +89,7 @@ class _Part:
     token_dict: dict[str, list[list[int]]]
     padded_tokens: int
     longest: int  # tokens of the longest padded batch row
+    batch_rows: list[int]  # rows of each batch: a worker writes each batch's own shards (streamed)
 
 
 def _scan(dataset_plan: Any, tokenizer: Any, specs: list[Any], batch_size: int, seed: int,
@@ -113,7 +114,7 @@ def _scan(dataset_plan: Any, tokenizer: Any, specs: list[Any], batch_size: int, 
             tokenizer, spec.texts or [], batch_size, tokenizer_kwargs)
         widths: dict[str, int] = {}
         token_dict: dict[str, list[list[int]]] = {}
-        padded, longest, offset = 0, 0, spec.row_start
+        padded, longest, offset, batch_rows = 0, 0, spec.row_start, []
         for b in batches:
             mask = torch.as_tensor(b.get("attention_mask", torch.ones_like(torch.as_tensor(b["input_ids"]))))
             try:
@@ -129,7 +130,8 @@ def _scan(dataset_plan: Any, tokenizer: Any, specs: list[Any], batch_size: int, 
             padded += int(mask.shape[0]) * int(mask.shape[1])
             longest = max(longest, int(mask.shape[1]))
             offset += int(mask.shape[0])
-        scanned.append(_Part(spec.part_id, spec.rows, widths, token_dict, padded, longest))
+            batch_rows.append(int(mask.shape[0]))
+        scanned.append(_Part(spec.part_id, spec.rows, widths, token_dict, padded, longest, batch_rows))
     return scanned, rows, count, firsts
 
 
@@ -189,17 +191,21 @@ class _Template:
 
 
 def _part_files(tpl: _Template, part: _Part, max_shard_bytes: int) -> tuple[int, list[tuple[list[str], int, int]]]:
-    """``(tensor bytes, [(keys, shard bytes, header bytes)])`` of one partition, split as ``write_part`` does."""
+    """``(tensor bytes, [(keys, shard bytes, header bytes)])`` of one partition, split as a worker streams it: each
+    batch's rows (one put each; a part averaged over examples is one put), then by size as ``plan_shards`` does."""
     from ..storage.shards import _header, plan_shards
 
-    tensors = {k: _meta_tensor(tpl.shape_for(k, part), tpl.dtype[k]) for k in tpl.keys}
+    full = {k: tpl.shape_for(k, part) for k in tpl.keys}
+    per_row = all(full[k] and full[k][0] == part.rows for k in tpl.keys)
     out, total = [], 0
-    for keys in plan_shards(tensors, max_shard_bytes):
-        group = {k: tensors[k] for k in keys}
-        head, _ = _header(group, sorted(group, key=lambda k: -group[k].element_size()))
-        data = sum(t.numel() * t.element_size() for t in group.values())
-        out.append((keys, len(head) + data, len(head)))
-        total += data
+    for rows in (part.batch_rows if per_row else [part.rows]):
+        tensors = {k: _meta_tensor([rows, *full[k][1:]] if per_row else full[k], tpl.dtype[k]) for k in tpl.keys}
+        for keys in plan_shards(tensors, max_shard_bytes):
+            group = {k: tensors[k] for k in keys}
+            head, _ = _header(group, sorted(group, key=lambda k: -group[k].element_size()))
+            data = sum(t.numel() * t.element_size() for t in group.values())
+            out.append((keys, len(head) + data, len(head)))
+            total += data
     return total, out
 
 
@@ -243,7 +249,10 @@ def _calibrate(worker: Any, firsts: list[Any], saver: Any, meta: dict[str, Any],
         headers: dict[str, dict[str, Any]] = {}
         for sh in record["shards"]:
             raw = read_bytes(writer.store, f"{rdir}/shards/{sh['file']}", 0, sh["header_bytes"])
-            headers.update(_parse_header(raw, sh["file"])[1])
+            for k, h in _parse_header(raw, sh["file"])[1].items():
+                if k in headers and sh.get("rows") is not None:  # a streamed part: its row ranges add up
+                    h = {**h, "shape": [headers[k]["shape"][0] + h["shape"][0], *h["shape"][1:]]}
+                headers[k] = h
         meta_bytes = len(read_bytes(writer.store, writer.store.path(run.rel, "metadata.json")))
     finally:
         remove(writer.store, writer.store.root, recursive=True)
@@ -275,7 +284,8 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
                     interventions: Optional[list[Any]] = None, tokenizer_kwargs: Optional[dict[str, Any]] = None,
                     position_seed: int = 0, statistics: bool = False, self_check: str = "error",
                     text_column: str = "text", other_metadata: Optional[dict[str, Any]] = None,
-                    tag: Optional[str] = None, max_rows: int = 20_000) -> ExtractionPlan:
+                    tag: Optional[str] = None, max_rows: int = 20_000,
+                    max_inflight_bytes: Optional[int] = None) -> ExtractionPlan:
     """Plan ``DistributedExtractor(source...).extract(dataset, ...)`` without Ray: see the module docstring.
 
     ``source``: a :class:`ModelSource` (``resolve_model_source``). Datasets over ``max_rows`` rows are tokenised on
@@ -285,6 +295,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     from ..storage.layout import check_tag
     from ..storage.query import normalise
     from ..storage.runs import SCHEMA_VERSION
+    from ..storage.streaming import check_inflight_bytes
     from .lensing import check_lens_config, lens_metadata
     from .models import describe_source
     from .partitions import plan_dataset
@@ -334,7 +345,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     scanned_rows = sum(p.rows for p in parts)
     scale = n_rows / scanned_rows if scanned_rows else 1.0
     tensor_bytes = record_bytes = shard_bytes = n_shards = requests = 0
-    part_max = shard_max = 0
+    part_max = shard_max = batch_max = 0
     key_bytes = {k: 0 for k in tpl.keys}
     widest: dict[str, list[int]] = {}
     fixed = sum(int(sh["bytes"]) for sh in tpl.fixed_shards)
@@ -342,6 +353,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
         data, shards = _part_files(tpl, part, max_shard)
         tensor_bytes += data
         part_max = max(part_max, data)
+        batch_max = max(batch_max, data * max(part.batch_rows or [part.rows]) // max(1, part.rows))
         record_bytes += tpl.record_size(part, shards, self_check=i < num_workers)
         for k in tpl.keys:
             shape = tpl.shape_for(k, part)
@@ -368,7 +380,8 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     longest = max((p.longest for p in parts), default=0)
     forward = 4 * batch_size * (longest * hidden * 12 + vocab)  # a layer's buffers (attention, MLP) + last logits
     weights = _model_bytes(worker.model)
-    peak = (weights if num_gpus_per_worker <= 0 else 0) + 2 * part_max + forward + (shard_max if remote else 0)
+    waiting = min(part_max, max(check_inflight_bytes(max_inflight_bytes), batch_max))  # batches awaiting storage
+    peak = (weights if num_gpus_per_worker <= 0 else 0) + waiting + batch_max + forward + (shard_max if remote else 0)
     assumptions = [
         f"workers compute as fast as this machine: {cal['rows'][1]} rows took {cal['warm_seconds']:.2f} s warm "
         f"({spt * 1e3:.3f} ms per padded token), the first partition {cal['first_seconds']:.2f} s (self-check), "
@@ -376,7 +389,8 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
         f"{num_workers} worker(s) load the model in parallel and take partitions as they free up; Ray start-up "
         "and storage latency are not included",
         "peak host memory: " + ("the model weights, " if num_gpus_per_worker <= 0 else "")
-        + "twice the largest partition's tensors (batches are concatenated), one forward's working set"
+        + "the batches waiting for storage (max_inflight_bytes, or the largest partition if smaller), the batch "
+        "being computed, one forward's working set"
         + (" and one shard's upload buffer" if remote else ""),
     ]
     if scale != 1.0:

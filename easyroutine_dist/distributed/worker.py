@@ -1,8 +1,9 @@
 """ExtractionWorker: the Ray actor that holds one HookedModel and turns partitions into committed parts.
 
-A worker tokenises its partition (left padding), runs ``HookedModel.extract_cache``, optionally reduces the
-activations with the logit lens, writes the part's shards straight to storage (``RunWriter.write_part``) and
-commits it (``RunWriter.commit_part``). It returns only a small record (part id, rows, timings). A part whose
+A worker tokenises its partition (left padding) and streams it (:mod:`.pipeline`): each batch of
+``HookedModel.extract_cache`` is reduced by the logit lens when asked and written as shards of the part by a
+background thread while the next batch runs (memory bounded by ``max_inflight_bytes``); after the last shard the
+part is committed (``RunWriter.commit_part``). It returns only a small record (part id, rows, timings). A part whose
 commit record already exists is never recomputed nor rewritten.
 """
 
@@ -23,6 +24,7 @@ from ..slots import LAYOUT_KEY, VALID_KEY, SlotLayout
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
 from .partitions import PartitionSpec, tokenize_batches
+from .pipeline import stream_part
 from .placement import check_shared_run_dir
 from ..provenance import collect as collect_provenance
 from ..selfcheck import RunChecks
@@ -119,19 +121,27 @@ class ExtractionWorker:
     def _finish(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, part_id: int, data: Any,
                 t0: float, rows: int, fingerprint: Optional[str] = None,
                 self_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Write ``data`` (a whole part, in memory) as the part's shards, then commit it (:meth:`_commit`)."""
         try:
             record = writer.write_part(run, part_id, data)  # shards under this attempt's own names
         except PartAlreadyCommittedError:  # another attempt committed the part meanwhile: its bytes stay as they are
             return {"part_id": part_id, "rows": rows, "skipped": True, "seconds": time.perf_counter() - t0,
                     "pid": os.getpid()}
-        if fingerprint is not None:  # the driver's digest of this part's inputs: resume compares it
-            record["fingerprint"] = fingerprint
-        if self_check is not None:  # this worker's self-check of the run (its first batch)
-            record["self_check"] = self_check
         if job.get("statistics"):  # this part's per-key statistics over real slots: one more shard of the part
             from ..storage.stats import add_part_statistics
 
             add_part_statistics(writer.store, writer.store.path(run.rel), record, data)
+        return self._commit(job, writer, run, record, t0, rows, fingerprint, self_check)
+
+    def _commit(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, record: dict[str, Any], t0: float,
+                rows: int, fingerprint: Optional[str] = None,
+                self_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Commit a part whose shards are all written: its record, created exclusively, makes it visible."""
+        part_id = int(record["part_id"])
+        if fingerprint is not None:  # the driver's digest of this part's inputs: resume compares it
+            record["fingerprint"] = fingerprint
+        if self_check is not None:  # this worker's self-check of the run (its first batch)
+            record["self_check"] = self_check
         self._maybe_fail(job, part_id)  # after the shards, before the commit record: the worst moment to die
         created = writer.commit_part(run, record)  # False: another attempt won; this one's shards are dropped
         self.parts_done += 1
@@ -141,7 +151,11 @@ class ExtractionWorker:
 
     # ------------------------------------------------------------------ work
     def extract_part(self, job: dict[str, Any], part: PartitionSpec) -> dict[str, Any]:
-        """Extract, reduce, write and commit one partition; return ``{"part_id", "rows", "skipped", ...}``."""
+        """Extract, reduce, write and commit one partition; return ``{"part_id", "rows", "skipped", ...}``.
+
+        Streamed (:mod:`.pipeline`): each batch's shards are written by a background thread while the next batch
+        runs, at most ``max_inflight_bytes`` waiting (the job's storage option); the record is committed after the
+        last shard. A failure anywhere removes this attempt's shards and writes no record (the part is re-queued)."""
         t0 = time.perf_counter()
         writer = self._writer(job["storage"])
         run = RunHandle.from_dict(job["run"])
@@ -151,6 +165,8 @@ class ExtractionWorker:
             return {"part_id": part.part_id, "rows": done["rows"], "skipped": True, "seconds": 0.0,
                     "pid": os.getpid()}
         from ..config import ExtractionConfig
+        from ..storage.query import normalise
+        from ..storage.streaming import PartStream
 
         cfg = ExtractionConfig.from_dict(job["extraction_config"])
         if part.batches is not None:
@@ -160,33 +176,28 @@ class ExtractionWorker:
                                        job.get("tokenizer_kwargs"))
         check = self._checks.once(run.run_id, job.get("self_check", "off"), self.model, batches[0],
                                   cfg) if batches else None  # "error": raises here, before anything is written
-        cache = self.model.extract_cache(batches, job["target_token_positions"], extraction_config=cfg,
-                                         interventions=job.get("interventions"),
-                                         position_seed=int(job.get("position_seed") or 0), row_offset=part.row_start)
-        meta = dict(cache.get("metadata") or {})
-        for k in ("n_examples", "n_batches"):  # per-part counts would be wrong for the whole run
-            meta.pop(k, None)
-        cache["metadata"] = meta
         lens_cfg = job.get("logit_lens")
-        if lens_cfg is not None:
-            lensed = apply_lens(self._get_lens(), cache, lens_cfg, part.token_directions)
-            if not lens_cfg["keep_activations"]:
-                for k in needed_keys(lens_cfg, cache.tensor_keys()):
-                    del cache[k]
-            for k, v in lensed.items():
-                cache[k] = v
-            layout = cache.layout()
-            if layout is not None:  # lens outputs are [rows, P, ...] on the activations' position axis
-                layout.add_keys(list(lensed))
-                cache[LAYOUT_KEY] = layout.restrict(cache.tensor_keys()).to_json()
-        return self._finish(job, writer, run, part.part_id, cache, t0, part.rows, part.fingerprint, check)
+        stream = PartStream(writer.store, writer.store.path(run.rel), part.part_id, checksum=writer.checksum,
+                            max_shard_bytes=writer.max_shard_bytes,
+                            max_inflight_bytes=job["storage"].get("max_inflight_bytes"),
+                            statistics=bool(job.get("statistics")))
+        try:
+            info = stream_part(self.model, stream, batches, job["target_token_positions"], cfg,
+                               interventions=job.get("interventions"), position_seed=int(job.get("position_seed") or 0),
+                               row_offset=part.row_start, lens=self._get_lens() if lens_cfg is not None else None,
+                               lens_cfg=lens_cfg, directions=part.token_directions)
+            record = stream.finish(normalise(info, "cache info"))
+        except BaseException:
+            stream.abort()  # no record: this attempt's shards are removed, the part stays uncommitted
+            raise
+        return self._commit(job, writer, run, record, t0, part.rows, part.fingerprint, check)
 
     def lens_part(self, job: dict[str, Any], source: dict[str, Any], record: dict[str, Any],
                   directions: Optional[list[Any]]) -> dict[str, Any]:
         """Post-hoc logit lens over one committed part of a stored run; writes the same part id in the new run."""
         t0 = time.perf_counter()
         from ..cache import ActivationCache
-        from ..storage.shards import read_shard
+        from ..storage.shards import read_part_shards
 
         writer = self._writer(job["storage"])
         run = RunHandle.from_dict(job["run"])
@@ -200,9 +211,7 @@ class ExtractionWorker:
         lens_cfg = job["logit_lens"]
         keys = needed_keys(lens_cfg, list(record["keys"]))
         masks = [k for k in (VALID_KEY,) if k in record["keys"]]  # which slots are real travels with the lens
-        tensors: dict[str, Any] = {}
-        for sh in record["shards"]:
-            tensors.update(read_shard(src_writer.store, f"{source['run_dir']}/shards/{sh['file']}", sh, keys + masks))
+        tensors = read_part_shards(src_writer.store, f"{source['run_dir']}/shards", record["shards"], keys + masks)
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise StorageError(f"part {part_id} of run {source['run_id']} lacks {missing}; it cannot be lensed.")

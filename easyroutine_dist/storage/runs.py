@@ -31,7 +31,8 @@ from .fs import (ObjectNotFoundError, Store, create_exclusive, exists, list_name
                  retrying, write_bytes)
 from .markers import READABLE_SCHEMA_VERSIONS, read_manifest  # noqa: F401 - re-exported
 from .query import normalise
-from .shards import DEFAULT_CHECKSUM, DEFAULT_MAX_SHARD_BYTES, check_checksum, plan_shards, read_shard, write_shard
+from .shards import (DEFAULT_CHECKSUM, DEFAULT_MAX_SHARD_BYTES, check_checksum, plan_shards, read_part_shards,
+                     write_shard)
 
 SCHEMA_VERSION = 2
 _RECORD_RE = re.compile(r"^part-(\d{5,7})\.json$")  # ids padded to 5 digits (layout.record_name)
@@ -407,9 +408,7 @@ def _read_part(store: Store, rdir: str, manifest: dict[str, Any], i: int, entry:
             raise StorageError(f"run {entry['run_id']} has no keys {unknown}; it has {rec['keys']}.")
     # a partial load keeps the validity masks: which slots are real is part of every positional key
     wanted = None if keys is None else list(keys) + [k for k in MASK_KEYS if k in rec["keys"] and k not in keys]
-    tensors: dict[str, torch.Tensor] = {}
-    for sh in rec["shards"]:
-        tensors.update(read_shard(store, f"{rdir}/shards/{sh['file']}", sh, wanted))
+    tensors = read_part_shards(store, f"{rdir}/shards", rec["shards"], wanted)  # streamed parts: rows joined
     ordered = {k: tensors[k] for k in rec["keys"] if k in tensors}
     return ActivationCache.from_flat(ordered, rec["info"])
 

@@ -40,7 +40,7 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 Stats = dict[str, tuple[str, Moments]]
 
-__all__ = ["add_part_statistics", "read_part_statistics", "write_run_statistics", "read_run_statistics",
+__all__ = ["add_part_statistics", "write_part_statistics", "read_part_statistics", "write_run_statistics", "read_run_statistics",
            "run_statistics", "RUN_JSON", "RUN_FILE"]
 
 
@@ -67,7 +67,12 @@ _DONE = object()
 def add_part_statistics(store: Store, rdir: str, record: dict[str, Any], data: Any) -> None:
     """Compute the statistics of ``data`` (what was just written as ``record``'s part: a cache, dict or tensor) over
     its real slots, write them as one more shard of the part and name it in ``record`` (before ``commit_part``)."""
-    stats = cache_statistics(as_flat(data))
+    write_part_statistics(store, rdir, record, cache_statistics(as_flat(data)))
+
+
+def write_part_statistics(store: Store, rdir: str, record: dict[str, Any], stats: Stats) -> None:
+    """Write ``stats`` (a part's ``cache_statistics``, or their merge over its batches) as one more shard of the
+    part and name it in ``record`` (before ``commit_part``)."""
     tensors, kinds = statistics_to_tensors(stats)
     part_id = layout.check_part_id(record["part_id"])
     attempt = record.get("attempt")

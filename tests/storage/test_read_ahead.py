@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from easyroutine_dist.storage import runs
+from easyroutine_dist.storage import runs, shards
 from easyroutine_dist.storage.api import ActivationLoader
 from easyroutine_dist.storage.runs import RunWriter
 
@@ -27,7 +27,7 @@ def _run(tmp_path, n_parts: int = 12):
 def test_parts_are_read_concurrently_in_order_and_bounded(tmp_path, monkeypatch):
     q, want = _run(tmp_path)
     lock, state = threading.Lock(), {"now": 0, "max": 0, "calls": 0}
-    real = runs.read_shard
+    real = shards.read_shard  # what every part read calls (shards.read_part_shards)
 
     def slow_read(*a, **k):
         with lock:
@@ -41,7 +41,7 @@ def test_parts_are_read_concurrently_in_order_and_bounded(tmp_path, monkeypatch)
             with lock:
                 state["now"] -= 1
 
-    monkeypatch.setattr(runs, "read_shard", slow_read)
+    monkeypatch.setattr(shards, "read_shard", slow_read)
     t0 = time.perf_counter()
     cache, _ = q.load()
     elapsed = time.perf_counter() - t0

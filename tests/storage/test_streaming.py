@@ -1,0 +1,111 @@
+"""Issue 9 item 2, storage side: ``PartStream`` writes a part's batches as shards in a background thread.
+
+* Backpressure: with a slow store, the bytes waiting for (or in) a write never exceed ``max_inflight_bytes``, and
+  ``put`` (the forward) blocks instead; every row arrives, in order.
+* A streamed part's shards (row ranges) load as one part, equal to the rows handed over; a gap in the ranges or a
+  shard with the wrong row count is refused, never silently joined.
+* ``max_inflight_bytes`` is checked with a clear error.
+On the previous main there was no streaming module, so these fail there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import easyroutine_dist.storage.streaming as streaming
+from easyroutine_dist.errors import ConfigError, CorruptShardError
+from easyroutine_dist.storage.runs import RunWriter, load_run
+from easyroutine_dist.storage.shards import read_part_shards
+from easyroutine_dist.storage.streaming import PartStream, check_inflight_bytes
+
+EXP, MODEL = "s", "m"
+
+
+def _batch(i: int, rows: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(i)
+    return {"x": torch.randn(rows, 64, generator=g), "ids": torch.arange(rows) + 100 * i}  # 1056 bytes / 4 rows
+
+
+def _stream(writer: RunWriter, run, part_id: int = 0, **kw) -> PartStream:
+    return PartStream(writer.store, writer.store.path(run.rel), part_id, checksum=writer.checksum,
+                      max_shard_bytes=writer.max_shard_bytes, **kw)
+
+
+def test_backpressure_bounds_the_bytes_in_flight(tmp_path, monkeypatch):
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    per_batch = sum(t.numel() * t.element_size() for t in _batch(0).values())
+    budget = int(2.5 * per_batch)  # two batches fit, a third waits
+    real, lock, in_flight, worst = streaming.write_shard, threading.Lock(), [0], [0]
+    stream = _stream(writer, run, max_inflight_bytes=budget)
+
+    def slow(store, path, tensors, checksum):  # a store 20x slower than the "forward" below
+        with lock:
+            worst[0] = max(worst[0], stream._inflight)  # the budget's count while a shard is being written
+        time.sleep(0.05)
+        return real(store, path, tensors, checksum)
+
+    monkeypatch.setattr(streaming, "write_shard", slow)
+    blocked = []
+    for i in range(10):
+        t0 = time.perf_counter()
+        stream.put(_batch(i))  # the "forward" takes ~0 s: storage is the bottleneck
+        blocked.append(time.perf_counter() - t0)
+        assert stream._inflight <= budget
+    record = stream.finish({})
+    writer.commit_part(run, record)
+    assert stream.peak_inflight <= budget and worst[0] <= budget
+    assert stream.peak_inflight == 2 * per_batch  # the queue did fill up to the budget
+    assert sum(b > 0.03 for b in blocked) >= 6  # the forward waited for storage (backpressure)
+    assert stream.wait_seconds > 0.3
+    writer.commit_run(run)
+    cache, _ = load_run(writer.store, {"experiment_name": EXP, "model_name": MODEL, "run_id": run.run_id})
+    want = [_batch(i) for i in range(10)]
+    assert torch.equal(cache["x"], torch.cat([b["x"] for b in want]))
+    assert torch.equal(cache["ids"], torch.cat([b["ids"] for b in want]))
+
+
+def test_one_batch_bigger_than_the_budget_goes_alone(tmp_path):
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    stream = _stream(writer, run, max_inflight_bytes=10)
+    for i in range(3):
+        stream.put(_batch(i))
+    rec = stream.finish({})
+    assert [sh["rows"] for sh in rec["shards"]] == [[0, 4], [4, 8], [8, 12]] and rec["rows"] == 12
+    assert stream.peak_inflight == sum(t.numel() * t.element_size() for t in _batch(0).values())
+
+
+def test_row_ranges_must_tile_the_part(tmp_path):
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    stream = _stream(writer, run)
+    for i in range(3):
+        stream.put(_batch(i))
+    rec = stream.finish({})
+    sdir = writer.store.path(run.rel, "shards")
+    got = read_part_shards(writer.store, sdir, rec["shards"], ["x"])
+    assert list(got) == ["x"] and torch.equal(got["x"], torch.cat([_batch(i)["x"] for i in range(3)]))
+    with pytest.raises(CorruptShardError, match="contiguous"):
+        read_part_shards(writer.store, sdir, [rec["shards"][0], rec["shards"][2]])
+    bad = [dict(rec["shards"][0], rows=[0, 5]), dict(rec["shards"][1], rows=[5, 8])]
+    with pytest.raises(CorruptShardError, match="not 5 rows"):
+        read_part_shards(writer.store, sdir, bad)
+
+
+def test_keys_must_match_and_budget_is_checked(tmp_path):
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    stream = _stream(writer, run)
+    stream.put(_batch(0))
+    with pytest.raises(Exception, match="same keys"):
+        stream.put({"x": _batch(1)["x"]})
+    stream.abort()
+    assert check_inflight_bytes(None) == 512 * 1024**2
+    for bad in (0, -1, 1.5, True, "1G"):
+        with pytest.raises(ConfigError, match="max_inflight_bytes"):
+            check_inflight_bytes(bad)
