@@ -21,6 +21,7 @@ import google_crc32c
 
 import torch
 
+from ..cache import cat_rows
 from ..errors import CorruptShardError, StorageError
 from .fs import Store, as_storage_error, make_dirs, read_bytes, retrying, sync, sync_dir
 
@@ -346,6 +347,6 @@ def read_part_shards(store: Store, shard_dir: str, shards: list[dict[str, Any]],
         if bad:
             raise CorruptShardError(f"part {where}: keys {sorted(bad)[:5]} are missing or not {b - a} rows in the "
                                     f"shard of rows {a}..{b}; the run is damaged, re-save it.")
-    out.update({k: torch.cat([spans[s][k] for s in order]) if len(order) > 1 else spans[order[0]][k]
+    out.update({k: cat_rows([spans[s][k] for s in order]) if len(order) > 1 else spans[order[0]][k]
                 for k in names})
     return out
