@@ -37,9 +37,10 @@ QUERY_TIMEOUT_S = 2.0
 #: storage roots the index holds in memory at once (least recently used evicted; an evicted root reloads from
 #: storage on its next query)
 MAX_ROOTS = 8
-#: seconds the index trusts an experiment's listing before listing it again (object stores: one LIST per 1,000
-#: runs). Runs registered through the index are seen at once; runs committed by writers that bypass it (no Ray,
-#: another cluster) are seen within this bound. Set ``EASYROUTINE_DIST_INDEX_TRUST_S`` where the index is created.
+#: seconds the index trusts an experiment's listing (from its end) before listing it again (object stores: one LIST
+#: per 1,000 runs). Runs registered through the index are seen at once; runs committed by writers that bypass it
+#: (no Ray, another cluster) within this bound plus one listing's time. A process' own adds and removals are seen
+#: by its next query (it asks for a refresh). Set ``EASYROUTINE_DIST_INDEX_TRUST_S`` where the index is created.
 TRUST_S = 2.0
 TRUST_ENV = "EASYROUTINE_DIST_INDEX_TRUST_S"
 _LOG = logging.getLogger(__name__)

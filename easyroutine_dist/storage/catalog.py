@@ -42,9 +42,9 @@ _clock = time.monotonic  # (the clock of ``trust_s``; tests move it)
 class Catalog:
     """Index of committed runs of one storage root. Thread-safe; a Ray actor can wrap one instance.
 
-    ``trust_s`` > 0: an experiment listed less than ``trust_s`` seconds ago is not listed again (runs taken in by
-    :meth:`note` or :meth:`add` are seen at once; others, committed by writers that bypass this instance, within
-    ``trust_s``). 0 (default): every query checks the listing (local disk: a directory mtime, once it is 2 s old)."""
+    ``trust_s`` > 0: an experiment whose listing ended less than ``trust_s`` seconds ago is not listed again (runs
+    taken in by :meth:`note` or :meth:`add` are seen at once; others, committed by writers that bypass this
+    instance, within ``trust_s`` plus the time of one listing). 0 (default): every query checks the listing (local disk: a directory mtime, once it is 2 s old)."""
 
     def __init__(self, store: Store, trust_s: float = 0.0) -> None:
         self.store = store
@@ -151,10 +151,8 @@ class Catalog:
     def forget(self, experiment: Optional[str] = None) -> None:
         """Drop the listing of ``experiment`` (None: all) so the next query lists it again (``trust_s`` aside)."""
         with self._lock:
-            if experiment is None:
-                self._listing.clear()
-            else:
-                self._listing.pop(experiment, None)
+            for exp in list(self._listing) if experiment is None else [experiment]:
+                self._listing.pop(exp, None)
 
     def entries(self, experiment: str | None = None) -> list[dict[str, Any]]:
         """Entries of one experiment (or all), sorted oldest first. Reads only entries not seen before."""
@@ -347,9 +345,10 @@ class Catalog:
             # tick as the listed one cannot go unseen.
             if last is not None and mtime is not None and last[2] == mtime and last[3] - mtime > MTIME_MARGIN_NS:
                 return last[1]
-        listed_at, listed_clock = time.time_ns(), _clock()
+        listed_at = time.time_ns()
         names = set(retrying(lambda: list_names(self.store, self._dir(exp)),
                              f"listing {self.store.url(self._dir(exp))}"))
+        listed_clock = _clock()  # trusted from its end: a listing longer than trust_s is not redone at once
         with self._lock:
             last = self._listing.get(exp)
             if last is not None and last[0] == names:

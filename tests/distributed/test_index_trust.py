@@ -89,6 +89,27 @@ def test_a_listing_is_trusted_for_trust_s_seconds(root, lists):
     assert _tags(idx.query(url, options, "big", every)) == ["t0", "t1", "t2", "t3", "t4"] and len(seen) == 2
 
 
+def test_trust_counts_from_the_end_of_a_slow_listing(root, lists, monkeypatch):
+    """A listing that takes longer than trust_s (100 LIST requests at 100k runs) is not redone by the next query."""
+    url, options = root
+    seen, clock = lists
+    Catalog(resolve(url, options)).add(_entry(0))
+    counting = catmod.list_names
+
+    def slow(store, path, *a, **k):
+        clock.now += 3.0
+        return counting(store, path, *a, **k)
+
+    monkeypatch.setattr(catmod, "list_names", slow)
+    idx = MetadataIndex(trust_s=2.0)
+    for _ in range(5):
+        assert _tags(idx.query(url, options, "big", build_criteria())) == ["t0"]
+    assert len(seen) == 1
+    clock.now += 2.0
+    idx.query(url, options, "big", build_criteria())
+    assert len(seen) == 2
+
+
 def test_trust_0_lists_on_every_query(root, lists):
     url, options = root
     seen, _ = lists
