@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional, Union
 
 from ..cache import ActivationCache
 from ..errors import MetadataError, StorageError
-from . import compat, layout
+from . import compat, layout, legacy_runs
 from .catalog import Catalog
 from .fs import Store, resolve
 from .providers import provided_entries
@@ -179,10 +179,12 @@ def _cell(value: Any) -> str:
 
 
 class QueryResult:
-    """Runs matching a query, oldest first (index -1 is the most recent)."""
+    """Runs matching a query, oldest first (index -1 is the most recent): catalog entries (dicts) of our runs,
+    and :class:`~easyroutine_dist.storage.legacy_runs.EasyroutineRun` tuples ``(experiment, model_dir, run_dir,
+    metadata)`` for runs in easyroutine's layout found in place (easyroutine's own 4-tuples are accepted too)."""
 
     def __init__(self, store: Optional[Store] = None, catalog: Optional[Catalog] = None,
-                 results: Optional[list[dict[str, Any]]] = None) -> None:
+                 results: Optional[list[Any]] = None) -> None:
         self.store = store
         self.catalog = catalog
         self.results = [] if results is None else results
@@ -190,7 +192,7 @@ class QueryResult:
     def __len__(self) -> int:
         return len(self.results)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.results)
 
     def __getitem__(self, item: Union[int, slice]) -> Any:
@@ -204,42 +206,70 @@ class QueryResult:
         cols = ("#", "save_time", "run_id", "experiment", "model", "tag", "parts", "keys")
         rows = [(str(i), e.get("save_time", ""), e["run_id"], e["experiment_name"], str(e.get("model_name")),
                  str(e.get("tag")), _cell(e.get("n_parts")), _cell(e.get("n_keys")))
-                for i, e in enumerate(self.results)]
+                for i, e in enumerate(self.results) if not legacy_runs.is_legacy(e)]
+        legacy = [line for i, e in enumerate(self.results) if legacy_runs.is_legacy(e)
+                  for line in legacy_runs.describe(i, legacy_runs.as_run(e))]
+        if not rows:  # easyroutine's lines only
+            return "\n".join(legacy)
         widths = [max(len(c), *(len(r[j]) for r in rows)) for j, c in enumerate(cols)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        return "\n".join([f"QueryResult({len(rows)} runs)", fmt.format(*cols), *(fmt.format(*r) for r in rows)])
+        extra = ["easyroutine-layout runs (read in place):", *legacy] if legacy else []
+        return "\n".join([f"QueryResult({len(self.results)} runs)", fmt.format(*cols),
+                          *(fmt.format(*r) for r in rows), *extra])
 
     __str__ = __repr__
 
     def get_paths(self) -> list[str]:
         """Location of every run."""
-        return [self.store.url(run_dir(self.store, e)) for e in self.results]
+        return [str(legacy_runs.as_run(e).run_dir) if legacy_runs.is_legacy(e)
+                else self.store.url(run_dir(self.store, e)) for e in self.results]
 
-    def _entry(self, which: Union[int, str]) -> dict[str, Any]:
+    def _item(self, which: Union[int, str]) -> Any:
+        """The selected result: by index, or by run id / save time (an easyroutine run: its time folder's name
+        or its save_time)."""
         if isinstance(which, int):
             try:
                 return self.results[which]
             except IndexError:
                 raise StorageError(f"run index {which} is out of range ({len(self.results)} runs).") from None
-        found = [e for e in self.results if which in (e["run_id"], e.get("save_time"))]
+        found = [e for e in self.results
+                 if which in (legacy_runs.names(legacy_runs.as_run(e)) if legacy_runs.is_legacy(e)
+                              else (e["run_id"], e.get("save_time")))]
         if len(found) == 1:
             return found[0]
         if not found:
-            raise StorageError(f"no run with id or save time {which!r} in this result.")
-        raise StorageError(f"{which!r} matches {len(found)} runs {[e['run_id'] for e in found]}; pass a run id.")
+            raise StorageError(f"no run with id, save time or time folder {which!r} in this result.")
+        ids = [str(legacy_runs.as_run(e).run_dir) if legacy_runs.is_legacy(e) else e["run_id"] for e in found]
+        raise StorageError(f"{which!r} matches {len(found)} runs {ids}; pass a run id or an index.")
+
+    def _entry(self, which: Union[int, str], what: str = "this") -> dict[str, Any]:
+        """The selected run's catalog entry; StorageError for an easyroutine-layout run (read in place)."""
+        item = self._item(which)
+        if legacy_runs.is_legacy(item):
+            raise StorageError(f"{legacy_runs.as_run(item).run_dir} is an easyroutine-layout run read in place; "
+                               f"{what} needs it in easyroutine_dist's format: run `easyroutine-dist "
+                               "import-easyroutine BASE_DIR` first (load, remove and update_run_experiment work "
+                               "on it as it is).")
+        return item
 
     def load(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> tuple[Any, Optional[dict]]:
         """Load a run (by index, save time or run id) as ``(activations, metadata)``: the tensor or dict it was
         saved from, else an ActivationCache (always a cache when ``keys`` limits the tensors). An empty result
-        gives ``(None, None)``."""
+        gives ``(None, None)``. An easyroutine-layout run gives what easyroutine's load gave (its ``tensor.pt``
+        read with torch's weights-only loader, easyroutine's classes as ours) and its ``metadata.json``."""
         if not self.results:
             return None, None
-        cache, meta = load_run(self.store, self._entry(which), keys)
+        item = self._item(which)
+        if legacy_runs.is_legacy(item):
+            if keys is not None:
+                self._entry(which, "keys=")  # raises: a tensor.pt is one object
+            return legacy_runs.load(legacy_runs.as_run(item))
+        cache, meta = load_run(self.store, item, keys)
         return (compat.as_saved(cache, meta) if keys is None else cache), meta
 
     def iter_parts(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None) -> Iterator[ActivationCache]:
         """Yield the run's parts one ActivationCache at a time, in order."""
-        return iter_parts(self.store, self._entry(which), keys)
+        return iter_parts(self.store, self._entry(which, "iter_parts"), keys)
 
     def statistics(self, which: Union[int, str] = -1) -> dict[str, dict[str, Any]]:
         """Per-key statistics of a run saved with ``statistics=True``, over real slots only (padding excluded):
@@ -247,7 +277,7 @@ class QueryResult:
         (``var`` is the population variance). StorageError when the run has none."""
         from .stats import run_statistics
 
-        return run_statistics(self.store, self._entry(which))
+        return run_statistics(self.store, self._entry(which, "statistics"))
 
     def torch_dataset(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None, unit: str = "rows",
                       batch_size: int = 256, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
@@ -257,7 +287,7 @@ class QueryResult:
         :class:`easyroutine_dist.storage.reader.RunDataset`. Use ``DataLoader(ds, batch_size=None, num_workers=n)``."""
         from .reader import RunDataset
 
-        return RunDataset(self.store, self._entry(which), keys=keys, unit=unit, batch_size=batch_size,
+        return RunDataset(self.store, self._entry(which, "torch_dataset"), keys=keys, unit=unit, batch_size=batch_size,
                           shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                           shuffle_buffer=shuffle_buffer, prefetch=prefetch, normalize=normalize)
 
@@ -267,19 +297,28 @@ class QueryResult:
         references). Returns a :class:`easyroutine_dist.storage.integrity.VerifyReport` (``.intact``, ``.problems``)."""
         from .integrity import verify_run
 
-        entry = self._entry(which)
+        entry = self._entry(which, "verify")
         return verify_run(self.store, run_dir(self.store, entry), entry["run_id"], threads, remove_orphans)
 
     def remove(self, which: Union[int, str] = -1) -> None:
-        """Delete a run from storage (and from this result)."""
-        entry = self._entry(which)
-        remove_run(self.store, self.catalog, entry)
+        """Delete a run from storage (and from this result). An easyroutine-layout run: its ``tensor.pt``,
+        ``metadata.json`` and then its folder, as easyroutine did."""
+        entry = self._item(which)
+        if legacy_runs.is_legacy(entry):
+            legacy_runs.remove(legacy_runs.as_run(entry))
+        else:
+            remove_run(self.store, self.catalog, entry)
         self.results = [e for e in self.results if e is not entry]
 
     def update_run_experiment(self, which: Union[int, str], new_experiment_name: str) -> None:
-        """Move a run to another experiment."""
-        entry = self._entry(which)
-        fresh = move_run(self.store, self.catalog, entry, new_experiment_name)
+        """Move a run to another experiment. An easyroutine-layout run: its folder is moved with ``shutil.move``
+        and ``experiment_name`` in its ``metadata.json`` rewritten, as easyroutine did (an existing target is
+        refused)."""
+        entry = self._item(which)
+        if legacy_runs.is_legacy(entry):
+            fresh: Any = legacy_runs.move(legacy_runs.as_run(entry), new_experiment_name)
+        else:
+            fresh = move_run(self.store, self.catalog, entry, new_experiment_name)
         self.results = [fresh if e is entry else e for e in self.results]
 
 
@@ -316,7 +355,8 @@ class ActivationLoader:
               tag: Optional[str] = None, verbose: bool = False, provenance: Optional[dict] = None) -> QueryResult:
         """Runs matching every given criterion (``None`` = any). ``experiment_name="*"`` searches all experiments.
         ``provenance={...}`` matches ``metadata["provenance"]``: every given (nested) key must be equal.
-        ``verbose`` is accepted for easyroutine scripts and has no effect."""
+        ``verbose`` is accepted for easyroutine scripts and has no effect. Runs written by easyroutine into a
+        local base_dir are listed too, as ``EasyroutineRun`` tuples (see storage/legacy_runs.py)."""
         crit = build_criteria(model_name=model_name, target_token_positions=target_token_positions,
                               pivot_positions=pivot_positions, save_time=save_time, custom_keys=custom_keys,
                               extraction_config=extraction_config, interventions=interventions, tag=tag,
@@ -330,6 +370,8 @@ class ActivationLoader:
             found = [e for e in _valid_entries(provided, "a query provider") if pred(e)]  # answer is never trusted
         else:
             found = select(self.catalog, scope, crit)
+        # runs in easyroutine's layout under base_dir (local only), merged in by time
+        found = legacy_runs.merge(found, legacy_runs.find_in_place(self.store, self.catalog, scope, crit))
         if not found and provided is None:  # looked in the wrong place? one WARNING line says where it looked
             from .hints import where_problem
 

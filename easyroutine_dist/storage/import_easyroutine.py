@@ -17,6 +17,7 @@ each is committed atomically.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,25 +57,49 @@ class ImportReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+def _dirs(folder: Path, runs: bool = False) -> list[Path]:
+    """Sub-folders that can hold runs: not symlinks (a run is only ever acted on inside the archive), not our
+    internal folders (``_catalog``), not hidden ones; with ``runs``, not our run folders either (told by their
+    names, before any file is looked at: a query lists folders next to many runs of ours)."""
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it
+                      if not e.name.startswith(("_", ".")) and not (runs and _is_run_id(e.name))
+                      and e.is_dir(follow_symlinks=False))
 
 
 def _is_ours(folder: Path, meta: Any) -> bool:
     return (folder / layout.RUN_MARKER).exists() or (isinstance(meta, dict) and "schema_version" in meta)
 
 
-def find_runs(archive: Path) -> tuple[list[LegacyRun], list[tuple[str, str]], list[str]]:
-    """Scan ``archive`` (reads metadata.json files only). Returns (runs, skipped, problems): ``problems`` name
-    each folder whose metadata cannot be imported and why; easyroutine_dist's own runs are ignored."""
+def _is_run_id(name: str) -> bool:
+    try:
+        layout.check_run_id(name)
+    except EasyRoutineError:
+        return False
+    return True
+
+
+def find_runs(archive: Path, experiments: Optional[list[str]] = None,
+              complete_only: bool = False) -> tuple[list[LegacyRun], list[tuple[str, str]], list[str]]:
+    """Scan ``archive`` (reads metadata.json files only), or only its ``experiments`` folders. Returns (runs,
+    skipped, problems): ``problems`` name each folder whose metadata cannot be imported and why;
+    easyroutine_dist's own runs are ignored (a folder named like our run ids, with a ``_SUCCESS`` marker or
+    with ``schema_version`` in its metadata). ``complete_only``: folders without ``tensor.pt`` are passed over
+    before their metadata is read, and not reported (what a query needs: cheap next to many runs of ours)."""
     runs: list[LegacyRun] = []
     skipped: list[tuple[str, str]] = []
     problems: list[str] = []
-    for exp_dir in _dirs(archive):
+    if experiments is None:
+        exp_dirs = _dirs(archive)
+    else:
+        exp_dirs = [archive / e for e in experiments if (archive / e).is_dir() and not (archive / e).is_symlink()]
+    for exp_dir in exp_dirs:
         for model_dir in _dirs(exp_dir):
-            for run_folder in _dirs(model_dir):
+            for run_folder in _dirs(model_dir, runs=True):  # our run ids: easyroutine never wrote such names
                 rel = f"{exp_dir.name}/{model_dir.name}/{run_folder.name}"
                 meta_path, tensor_path = run_folder / layout.METADATA_FILE, run_folder / TENSOR_FILE
+                if complete_only and not tensor_path.is_file():
+                    continue
                 meta: Any = None
                 if meta_path.exists():
                     try:
@@ -120,10 +145,12 @@ def _run_id(save_time: Any) -> str:
     return layout.new_run_id(when)[0]
 
 
-def _run_metadata(run: LegacyRun, saved_as: str, digest: str) -> dict[str, Any]:
+def run_fields(run: LegacyRun) -> dict[str, Any]:
+    """The queryable fields of an easyroutine run in our metadata's shape (custom keys in ``other_metadata``):
+    what an import stores, and what a query evaluates for a run read in place."""
     md = run.metadata
     interventions = md.get("interventions")
-    meta = {
+    return {
         "model_name": run.model_name,
         "target_token_positions": normalise(md.get("target_token_positions"), "target_token_positions"),
         "pivot_positions": normalise(md.get("pivot_positions"), "pivot_positions"),
@@ -131,6 +158,13 @@ def _run_metadata(run: LegacyRun, saved_as: str, digest: str) -> dict[str, Any]:
         "extraction_config": normalise(md.get("extraction_config"), "extraction_config"),
         "other_metadata": normalise({k: v for k, v in md.items() if k not in KNOWN_KEYS}, "custom keys"),
         "tag": md.get("tag"),
+    }
+
+
+def _run_metadata(run: LegacyRun, saved_as: str, digest: str) -> dict[str, Any]:
+    md = run.metadata
+    meta = {
+        **run_fields(run),
         "model_config": None,
         compat.SAVED_AS: saved_as,
         "imported_from": {"format": FORMAT, "path": run.rel, "sha256": digest, "save_time": md.get("save_time"),

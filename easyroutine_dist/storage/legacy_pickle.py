@@ -107,17 +107,54 @@ def check_globals(path: Path) -> None:
 
 
 def safe_load(path: Path) -> Any:
-    """The object in an easyroutine ``tensor.pt``, loaded with torch's weights-only unpickler and the allowlist.
+    """The object in an easyroutine ``tensor.pt``, scanned first (:func:`check_globals`), then loaded with
+    torch's weights-only unpickler and the allowlist (:func:`weights_only_load`).
 
     Tensors come back on the CPU. Raises UnsafeArchiveError (nothing executed) for anything else.
     """
     check_globals(path)
+    return weights_only_load(path)
+
+
+def weights_only_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with only the allowlist added: torch's restricted unpickler, never
+    a full one. A refusal raises UnsafeArchiveError, naming the globals the file needs when a scan can tell."""
     with torch.serialization.safe_globals(ALLOWLIST):
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, TypeError, AttributeError, ValueError, EOFError) as exc:
-            raise UnsafeArchiveError(f"{path}: refused by the weights-only unpickler ({type(exc).__name__}: "
-                                     f"{exc}); nothing was loaded.") from None
+            why = f"{type(exc).__name__}: {exc}"
+    check_globals(path)  # raises with the names of what the file needs, when that is why
+    raise UnsafeArchiveError(f"{path}: refused by the weights-only unpickler ({why}); nothing was loaded.")
+
+
+def to_object(value: Any) -> Any:
+    """What a weights-only load gave, with each stand-in replaced by ours: an easyroutine ActivationCache ->
+    an :class:`~easyroutine_dist.cache.ActivationCache` with the same keys, a ValueWithInfo -> ours, an
+    Intervention / ExtractionConfig -> a dict of its fields. Tensors, containers and plain values are kept."""
+    if isinstance(value, LegacyCache):
+        from ..cache import ActivationCache
+
+        out = ActivationCache()
+        for key, item in value.state["cache"].items():
+            out[key] = to_object(item)
+        return out
+    if isinstance(value, LegacyValueWithInfo):
+        from ..compat import ValueWithInfo
+
+        return ValueWithInfo(to_object(getattr(value, "_value", None)), to_object(getattr(value, "_info", None)))
+    if isinstance(value, LegacyRecord):
+        return {k: to_object(v) for k, v in value.fields.items()}
+    if isinstance(value, dict):
+        out_dict = value.copy()  # the same mapping type (OrderedDict stays ordered)
+        for key in out_dict:
+            out_dict[key] = to_object(out_dict[key])
+        return out_dict
+    if isinstance(value, list):
+        return [to_object(v) for v in value]
+    if type(value) is tuple:
+        return tuple(to_object(v) for v in value)
+    return value
 
 
 def _describe_tensor(t: torch.Tensor) -> dict[str, Any]:

@@ -233,7 +233,11 @@ def test_an_allowlisted_name_cannot_be_used_to_call_with_arguments(archive, er, 
     with pytest.raises(UnsafeArchiveError) as err:
         import_easyroutine(root)
     assert str(bad / "tensor.pt") in str(err.value) and not marker.exists()
-    assert len(ActivationLoader(root, "exp").query()) == 0
+    found = ActivationLoader(root, "exp").query()
+    assert [e for e in found if isinstance(e, dict)] == []  # nothing imported: the run is only seen in place
+    with pytest.raises(UnsafeArchiveError):  # and loading it in place is refused by the same loader
+        found.load(0)
+    assert not marker.exists()
 
 
 def test_a_plain_pickle_file_is_refused(archive):
