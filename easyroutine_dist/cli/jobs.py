@@ -258,7 +258,8 @@ def prepare(flags: dict[str, Any], config: Optional[Path]) -> Job:
     dplan = plan_dataset(dataset, partition_size)
     from ..distributed.credentials import check_model_kwargs
     from ..distributed.models import resolve_model_source
-    from ..distributed.preflight import check_positions_on_sample, check_storage, load_tokenizer, sample_texts
+    from ..distributed.preflight import check_positions_on_sample, check_storage, sample_texts
+    from ..tokenization import load_tokenizer
     from ..storage.api import ActivationSaver
 
     from ..storage.layout import model_slug

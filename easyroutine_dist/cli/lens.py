@@ -49,7 +49,7 @@ def load_hooked(name: str) -> Any:
 def load_tokenizer(name: str) -> Any:
     """The tokenizer of a model name/path (``"smollm2"``: the embedded GGUF model's; a factory: its model's)."""
     from ..distributed.models import resolve_model_source
-    from ..distributed.preflight import load_tokenizer as pretrained_tokenizer
+    from ..tokenization import load_tokenizer as pretrained_tokenizer
 
     source = resolve_model_source(name)
     tokenizer = pretrained_tokenizer(source)

@@ -7,10 +7,11 @@
 """
 
 from ..storage.layout import new_run_id as _new_run_id
+from ..tokenization import tokenize_batches
 from .extractor import DistributedExtractor, DistributedRun
 from .index import INDEX_NAME, INDEX_NAMESPACE, MetadataIndex, get_index, index_reachable
 from .models import ModelSource, resolve_model_source
-from .partitions import PartitionSpec, plan_dataset, tokenize_batches
+from .partitions import PartitionSpec, plan_dataset
 from .worker import ExtractionWorker
 
 

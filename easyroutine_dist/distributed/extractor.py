@@ -23,20 +23,21 @@ from ..storage.layout import CATALOG_DIR, check_tag
 from ..storage.layout import new_run_id as _new_run_id
 from ..storage.query import normalise
 from ..storage.runs import RunAlreadyCommittedError, RunHandle, RunWriter, read_marker, read_record, run_dir
+from ..storage.streaming import check_inflight_bytes
 from . import index as _index
 from .evidence import RunEvidence
 from .events import RunEvents
 from .credentials import check_model_kwargs, check_storage_options, public_options
+from .job import ExtractionJob, LensJob, LensSource, StorageSpec
 from .lensing import check_lens_config, lens_metadata
 from .models import ModelSource, describe_source, resolve_model_source
 from .partitions import PartitionSpec, plan_dataset
 from .records import read_all
 from .resume import check_committed_parts, check_same_settings, never_begun, read_fingerprints
 from .scheduler import ACTOR_ERRORS, schedule
-from .worker import ExtractionWorker, check_same_model
-
 from .preflight import check_storage
 from .result import DistributedRun
+from .worker import ExtractionWorker, check_same_model
 
 _LOG = logging.getLogger(__name__)
 
@@ -75,8 +76,6 @@ class DistributedExtractor:
                  model_kwargs: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
                  max_in_flight_per_worker: int = 2, max_worker_restarts: int = 3, max_part_attempts: int = 4,
                  ship_credentials: bool = False, max_inflight_bytes: Optional[int] = None) -> None:
-        from ..storage.streaming import check_inflight_bytes
-
         self.max_inflight_bytes = check_inflight_bytes(max_inflight_bytes)  # per worker: batches awaiting storage
         problems = []
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -354,12 +353,12 @@ class DistributedExtractor:
             return events.finish(DistributedRun(run.run_id, run.experiment, str(run.metadata.get("model_name")),
                                                 run.url, int(plan.n_rows or 0), n, 0, n, 0, time.perf_counter() - t0,
                                                 True))
-        job = {"run": run.to_dict(), "storage": self._storage(saver), "batch_size": batch_size,
-               "target_token_positions": list(target_token_positions),
-               "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
-               "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
-               "tokenizer_kwargs": tokenizer_kwargs, "position_seed": int(position_seed),
-               "statistics": bool(statistics), "self_check": evidence.mode, "inject_failure": _inject_failure}
+        job = ExtractionJob(run=run, storage=self._storage(saver), batch_size=batch_size,
+                            target_token_positions=list(target_token_positions), extraction_config=cfg.to_dict(),
+                            interventions=list(interventions or []) or None,
+                            logit_lens={k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
+                            tokenizer_kwargs=tokenizer_kwargs, position_seed=int(position_seed),
+                            statistics=bool(statistics), self_check=evidence.mode, inject_failure=_inject_failure)
         job_ref = ray.put(job)  # shared by every task of the run
         n_parts = 0
         n_rows = 0
@@ -396,14 +395,15 @@ class DistributedExtractor:
                                num_workers=self.num_workers, num_gpus_per_worker=self.num_gpus_per_worker,
                                **{"max_inflight_bytes": self.max_inflight_bytes, **kwargs})
 
-    def _storage(self, saver: Any) -> dict[str, Any]:
-        """What workers need to open ``saver``'s storage: without secrets unless ``ship_credentials``."""
-        store = saver.store
+    def _storage(self, saver: Any, store: Any = None) -> StorageSpec:
+        """What workers need to open ``saver``'s storage (or ``store``): without secrets unless ``ship_credentials``."""
+        store = saver.store if store is None else store
         options = dict(store.storage_options) if self.ship_credentials else public_options(store.storage_options)
-        return {"base_dir": store.url(store.root), "storage_options": options,
-                "max_shard_bytes": getattr(saver.writer, "max_shard_bytes", None), "durable": bool(store.durable),
-                "checksum": getattr(saver.writer, "checksum", None),
-                "max_inflight_bytes": getattr(self, "max_inflight_bytes", None)}
+        writer = saver.writer if store is saver.store else None
+        return StorageSpec(base_dir=store.url(store.root), storage_options=options,
+                           max_shard_bytes=getattr(writer, "max_shard_bytes", None), durable=bool(store.durable),
+                           checksum=getattr(writer, "checksum", None),
+                           max_inflight_bytes=getattr(self, "max_inflight_bytes", None))
 
     def logit_lens(self, run: Any, saver: Any, logit_lens: dict[str, Any], tag: Optional[str] = None,
                    other_metadata: Optional[dict[str, Any]] = None, run_id: Optional[str] = None,
@@ -453,12 +453,11 @@ class DistributedExtractor:
                                                 str(new_run.metadata.get("model_name")), new_run.url, n_rows, n, 0,
                                                 n, 0, time.perf_counter() - t0, True))
         events.workers_ready(self._infos, new_run.url)
-        job = {"run": new_run.to_dict(), "storage": self._storage(saver),
-               "logit_lens": {k: v for k, v in lens.items() if k != "token_directions"}}
-        src_options = dict(src_store.storage_options) if self.ship_credentials else public_options(
-            src_store.storage_options)
-        source = {"storage": {"base_dir": src_store.url(src_store.root), "storage_options": src_options},
-                  "run_dir": run_dir(src_store, entry), "run_id": entry["run_id"]}
+        job = LensJob(run=new_run, storage=self._storage(saver),
+                      logit_lens={k: v for k, v in lens.items() if k != "token_directions"})
+        src = self._storage(saver, src_store)
+        source = LensSource(storage=StorageSpec(base_dir=src.base_dir, storage_options=src.storage_options),
+                            run_dir=run_dir(src_store, entry), run_id=entry["run_id"])
         job_ref, source_ref = ray.put(job), ray.put(source)
         offsets = [0]
         for r in records:

@@ -1,4 +1,4 @@
-"""Datasets -> deterministic partitions (row ranges), produced lazily, and the workers' tokenisation.
+"""Datasets -> deterministic partitions (row ranges), produced lazily (workers tokenise with ``..tokenization``).
 
 A partition is ``rows [row_start, row_stop)`` of the dataset with the id ``part_id = row_start // partition_size``
 for sized datasets (so the same dataset and ``partition_size`` always give the same ids: resume relies on it).
@@ -19,6 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from ..storage.layout import MAX_PARTS, check_part_id
+from ..tokenization import tokenize_batches  # noqa: F401 - re-exported: tokenisation lives in ..tokenization
 
 #: the largest number of partitions one run may have (part ids are padded to 5 digits in names, up to 7)
 MAX_PARTITIONS = MAX_PARTS  # 10**7 (issue 10): part ids and names go that far
@@ -213,25 +214,4 @@ def _sized(plan: DatasetPlan) -> DatasetPlan:
         raise ConfigError(f"{plan.n_rows} rows in partitions of {plan.partition_size} make {plan.n_partitions} "
                           f"partitions; at most {MAX_PARTITIONS} are allowed: raise partition_size.")
     return plan
-
-
-def tokenize_batches(tokenizer: Any, texts: Sequence[str], batch_size: int,
-                     tokenizer_kwargs: Optional[dict[str, Any]] = None) -> list[dict[str, torch.Tensor]]:
-    """Tokenise ``texts`` in batches of ``batch_size`` with left padding.
-
-    Returns ``[{"input_ids": [b, seq], "attention_mask": [b, seq]}, ...]``. The single-process reference of a
-    distributed run is ``hooked.extract_cache(tokenize_batches(tok, texts, batch_size), ...)``.
-    """
-    if tokenizer is None:
-        raise ConfigError("the model has no tokenizer, so text prompts cannot be tokenised; load a model with a "
-                          "tokenizer, or pass pre-tokenised batches (dicts with input_ids/attention_mask).")
-    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    kw = {"padding": True, "return_tensors": "pt", **(tokenizer_kwargs or {})}
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i:i + batch_size]), **kw)
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return out
 

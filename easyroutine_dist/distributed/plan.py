@@ -98,7 +98,7 @@ def _scan(dataset_plan: Any, tokenizer: Any, specs: list[Any], batch_size: int, 
     """Tokenise partitions as workers do (every one, or an even sample past ``max_rows`` rows); returns the scanned
     parts, the dataset's rows and partitions, and the first partitions' specs (for calibration)."""
     from ..positions import resolve_positions
-    from .partitions import tokenize_batches
+    from ..tokenization import tokenize_batches
     from .preflight import check_positions_on_sample
 
     n_parts = dataset_plan.n_partitions
@@ -209,14 +209,16 @@ def _part_files(tpl: _Template, part: _Part, max_shard_bytes: int) -> tuple[int,
     return total, out
 
 
-def _calibrate(worker: Any, firsts: list[Any], saver: Any, meta: dict[str, Any], job: dict[str, Any],
+def _calibrate(worker: Any, firsts: list[Any], saver: Any, meta: dict[str, Any], settings: dict[str, Any],
                batch_size: int) -> dict[str, Any]:
     """Run the worker code on up to two small partitions of the first rows into a fresh in-memory store; return the
     first one's record and shard headers, the sizes of ``metadata.json`` and the timings."""
     from ..storage.fs import read_bytes, remove
     from ..storage.runs import RunWriter
     from ..storage.shards import _parse_header
-    from .partitions import PartitionSpec, fingerprint_texts, tokenize_batches
+    from ..tokenization import tokenize_batches
+    from .job import ExtractionJob, StorageSpec
+    from .partitions import PartitionSpec, fingerprint_texts
 
     first = firsts[0]
     if first.texts is not None:
@@ -236,9 +238,8 @@ def _calibrate(worker: Any, firsts: list[Any], saver: Any, meta: dict[str, Any],
     writer = RunWriter(f"memory://easyroutine-plan-{uuid.uuid4().hex}", max_shard_bytes=saver.writer.max_shard_bytes)
     try:
         run = writer.begin_run(saver.experiment_name, worker.model.model_name, meta)
-        storage = {"base_dir": writer.store.url(writer.store.root), "storage_options": {},
-                   "max_shard_bytes": writer.max_shard_bytes, "durable": False}
-        job = {**job, "run": run.to_dict(), "storage": storage}
+        storage = StorageSpec(base_dir=writer.store.url(writer.store.root), max_shard_bytes=writer.max_shard_bytes)
+        job = ExtractionJob(run=run, storage=storage, **settings)  # the job extract() would send, in memory
         seconds = []
         for spec in specs:
             t0 = time.perf_counter()
@@ -258,7 +259,7 @@ def _calibrate(worker: Any, firsts: list[Any], saver: Any, meta: dict[str, Any],
         remove(writer.store, writer.store.root, recursive=True)
     second = specs[1]
     batches = second.batches if second.batches is not None else tokenize_batches(
-        worker.model.hf_tokenizer, second.texts or [], batch_size, job.get("tokenizer_kwargs"))
+        worker.model.hf_tokenizer, second.texts or [], batch_size, settings.get("tokenizer_kwargs"))
     padded = sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in batches)
     return {"record": record, "headers": headers, "metadata_bytes": meta_bytes, "metadata": run.metadata,
             "first_seconds": seconds[0], "warm_seconds": seconds[1], "warm_padded_tokens": padded,
@@ -332,12 +333,12 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
                            else {**info["provenance"], "dataset_fingerprint": None})}
     if statistics:
         meta["statistics"] = True
-    job = {"batch_size": batch_size, "target_token_positions": list(target_token_positions),
-           "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
-           "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
-           "tokenizer_kwargs": tokenizer_kwargs, "position_seed": int(position_seed),
-           "statistics": bool(statistics), "self_check": mode, "inject_failure": None}
-    cal = _calibrate(worker, firsts, saver, meta, job, batch_size)
+    settings = {"batch_size": batch_size, "target_token_positions": list(target_token_positions),
+                "extraction_config": cfg.to_dict(), "interventions": list(interventions or []) or None,
+                "logit_lens": {k: v for k, v in (lens or {}).items() if k != "token_directions"} or None,
+                "tokenizer_kwargs": tokenizer_kwargs, "position_seed": int(position_seed),
+                "statistics": bool(statistics), "self_check": mode}
+    cal = _calibrate(worker, firsts, saver, meta, settings, batch_size)
     tpl = _Template(cal["record"], cal["headers"])
     max_shard = int(saver.writer.max_shard_bytes)
     remote = not saver.store.is_local

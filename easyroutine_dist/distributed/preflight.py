@@ -10,7 +10,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from ..errors import PositionError, StorageError
-from .models import ModelSource
+from ..tokenization import load_tokenizer, tokenize_batches  # the one home of tokenisation (re-exported here)
 
 
 def check_storage(saver: Any) -> None:
@@ -45,21 +45,6 @@ def check_storage(saver: Any) -> None:
                            "credentials.") from None
 
 
-def load_tokenizer(source: ModelSource) -> Optional[Any]:
-    """The tokenizer workers will use, for a ``"pretrained"`` source (about a second); None for factories, whose
-    tokenizer exists only once the factory has built the model."""
-    if source.kind != "pretrained":
-        return None
-    from transformers import AutoTokenizer
-
-    from ..models import source_kwargs
-
-    try:
-        return AutoTokenizer.from_pretrained(source.name, **source_kwargs(source.kwargs))
-    except (OSError, ValueError, TypeError):
-        return None  # a weights-only folder: the workers will say so
-
-
 def sample_texts(dataset_plan: Any, n: int) -> Optional[list[str]]:
     """The first ``n`` prompts of a sized text dataset (a list or a datasets.Dataset), without consuming anything;
     None for iterables and pre-tokenised batches."""
@@ -83,8 +68,6 @@ def check_positions_on_sample(tokenizer: Any, texts: Sequence[str], specs: Seque
     """Resolve ``specs`` on ``texts`` (dataset rows ``first_row, first_row + 1, ...``) tokenised as the workers do
     (batches of ``batch_size``, left padding); raise PositionError naming the dataset row, its length and the spec
     when a row cannot take them. Returns the rows checked."""
-    from .partitions import tokenize_batches
-
     row = first_row
     for batch in tokenize_batches(tokenizer, list(texts), batch_size, tokenizer_kwargs):
         mask = batch["attention_mask"]

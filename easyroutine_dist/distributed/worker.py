@@ -23,7 +23,9 @@ from .credentials import credential_fingerprint, public_options
 from ..slots import LAYOUT_KEY, VALID_KEY, SlotLayout
 from .lensing import apply_lens, needed_keys
 from .models import ModelSource, load_model
-from .partitions import PartitionSpec, tokenize_batches
+from .job import ExtractionJob, LensJob, LensSource, StorageSpec, WorkerJob
+from .partitions import PartitionSpec
+from ..tokenization import tokenize_batches
 from .pipeline import stream_part
 from .placement import check_shared_run_dir
 from ..provenance import collect as collect_provenance
@@ -70,21 +72,21 @@ class ExtractionWorker:
         return os.getpid()
 
     # ------------------------------------------------------------------ helpers
-    def _writer(self, storage: dict[str, Any]) -> RunWriter:
+    def _writer(self, storage: StorageSpec | dict[str, Any]) -> RunWriter:
         """The writer of one storage root, rebuilt when the credentials it would use change (rotated keys in this
         process' environment or its credential files, or other shipped secrets): nothing is cached past them."""
-        options = storage.get("storage_options") or {}
-        key = json.dumps([storage["base_dir"], public_options(options), storage.get("max_shard_bytes"),
-                          storage.get("checksum"),
-                          bool(storage.get("durable"))], sort_keys=True, default=repr)
+        storage = StorageSpec.coerce(storage)
+        options = storage.storage_options or {}
+        key = json.dumps([storage.base_dir, public_options(options), storage.max_shard_bytes, storage.checksum,
+                          bool(storage.durable)], sort_keys=True, default=repr)
         creds = credential_fingerprint(options)
         held = self._writers.get(key)
         if held is None or held[0] != creds:  # credentials live in this process' memory only
-            kw = {} if storage.get("max_shard_bytes") is None else {"max_shard_bytes": storage["max_shard_bytes"]}
-            if storage.get("checksum") is not None:  # the saver's choice (crc32c by default, or sha256)
-                kw["checksum"] = storage["checksum"]
-            writer = RunWriter(storage["base_dir"], options, **kw)
-            if storage.get("durable"):
+            kw = {} if storage.max_shard_bytes is None else {"max_shard_bytes": storage.max_shard_bytes}
+            if storage.checksum is not None:  # the saver's choice (crc32c by default, or sha256)
+                kw["checksum"] = storage.checksum
+            writer = RunWriter(storage.base_dir, options, **kw)
+            if storage.durable:
                 writer.store.durable = True
             self._writers[key] = held = (creds, writer)
         return held[1]
@@ -105,9 +107,9 @@ class ExtractionWorker:
         return json.loads(retrying(lambda: read_bytes(writer.store, path), f"reading {where}", write=True))
 
     @staticmethod
-    def _maybe_fail(job: dict[str, Any], part_id: int) -> None:
+    def _maybe_fail(job: WorkerJob, part_id: int) -> None:
         """Test hook: die (like a killed process) on the first attempt at one partition."""
-        fail = job.get("inject_failure")
+        fail = job.inject_failure
         if not fail or int(fail["part_id"]) != part_id:
             return
         marker = fail["marker"]
@@ -118,7 +120,7 @@ class ExtractionWorker:
         os.close(fd)
         os._exit(1)
 
-    def _finish(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, part_id: int, data: Any,
+    def _finish(self, job: WorkerJob, writer: RunWriter, run: RunHandle, part_id: int, data: Any,
                 t0: float, rows: int, fingerprint: Optional[str] = None,
                 self_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Write ``data`` (a whole part, in memory) as the part's shards, then commit it (:meth:`_commit`)."""
@@ -127,13 +129,13 @@ class ExtractionWorker:
         except PartAlreadyCommittedError:  # another attempt committed the part meanwhile: its bytes stay as they are
             return {"part_id": part_id, "rows": rows, "skipped": True, "seconds": time.perf_counter() - t0,
                     "pid": os.getpid()}
-        if job.get("statistics"):  # this part's per-key statistics over real slots: one more shard of the part
+        if job.statistics:  # this part's per-key statistics over real slots: one more shard of the part
             from ..storage.stats import add_part_statistics
 
             add_part_statistics(writer.store, writer.store.path(run.rel), record, data)
         return self._commit(job, writer, run, record, t0, rows, fingerprint, self_check)
 
-    def _commit(self, job: dict[str, Any], writer: RunWriter, run: RunHandle, record: dict[str, Any], t0: float,
+    def _commit(self, job: WorkerJob, writer: RunWriter, run: RunHandle, record: dict[str, Any], t0: float,
                 rows: int, fingerprint: Optional[str] = None,
                 self_check: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Commit a part whose shards are all written: its record, created exclusively, makes it visible."""
@@ -150,15 +152,15 @@ class ExtractionWorker:
                 "seconds": time.perf_counter() - t0, "pid": os.getpid(), "self_check": self_check}
 
     # ------------------------------------------------------------------ work
-    def extract_part(self, job: dict[str, Any], part: PartitionSpec) -> dict[str, Any]:
+    def extract_part(self, job: ExtractionJob | dict[str, Any], part: PartitionSpec) -> dict[str, Any]:
         """Extract, reduce, write and commit one partition; return ``{"part_id", "rows", "skipped", ...}``.
 
         Streamed (:mod:`.pipeline`): each batch's shards are written by a background thread while the next batch
         runs, at most ``max_inflight_bytes`` waiting (the job's storage option); the record is committed after the
         last shard. A failure anywhere removes this attempt's shards and writes no record (the part is re-queued)."""
         t0 = time.perf_counter()
-        writer = self._writer(job["storage"])
-        run = RunHandle.from_dict(job["run"])
+        job = ExtractionJob.coerce(job)
+        writer, run = self._writer(job.storage), job.run
         check_shared_run_dir(writer.store, run)  # a local base_dir must be the driver's folder, shared
         done = self._existing(writer, run, part.part_id)
         if done is not None:
@@ -168,22 +170,21 @@ class ExtractionWorker:
         from ..storage.query import normalise
         from ..storage.streaming import PartStream
 
-        cfg = ExtractionConfig.from_dict(job["extraction_config"])
+        cfg = ExtractionConfig.from_dict(job.extraction_config)
         if part.batches is not None:
             batches = part.batches
         else:
-            batches = tokenize_batches(self.model.hf_tokenizer, part.texts or [], job["batch_size"],
-                                       job.get("tokenizer_kwargs"))
-        check = self._checks.once(run.run_id, job.get("self_check", "off"), self.model, batches[0],
+            batches = tokenize_batches(self.model.hf_tokenizer, part.texts or [], job.batch_size,
+                                       job.tokenizer_kwargs)
+        check = self._checks.once(run.run_id, job.self_check, self.model, batches[0],
                                   cfg) if batches else None  # "error": raises here, before anything is written
-        lens_cfg = job.get("logit_lens")
+        lens_cfg = job.logit_lens
         stream = PartStream(writer.store, writer.store.path(run.rel), part.part_id, checksum=writer.checksum,
-                            max_shard_bytes=writer.max_shard_bytes,
-                            max_inflight_bytes=job["storage"].get("max_inflight_bytes"),
-                            statistics=bool(job.get("statistics")))
+                            max_shard_bytes=writer.max_shard_bytes, max_inflight_bytes=job.storage.max_inflight_bytes,
+                            statistics=job.statistics)
         try:
-            info = stream_part(self.model, stream, batches, job["target_token_positions"], cfg,
-                               interventions=job.get("interventions"), position_seed=int(job.get("position_seed") or 0),
+            info = stream_part(self.model, stream, batches, job.target_token_positions, cfg,
+                               interventions=job.interventions, position_seed=int(job.position_seed or 0),
                                row_offset=part.row_start, lens=self._get_lens() if lens_cfg is not None else None,
                                lens_cfg=lens_cfg, directions=part.token_directions)
             record = stream.finish(normalise(info, "cache info"))
@@ -192,29 +193,29 @@ class ExtractionWorker:
             raise
         return self._commit(job, writer, run, record, t0, part.rows, part.fingerprint, check)
 
-    def lens_part(self, job: dict[str, Any], source: dict[str, Any], record: dict[str, Any],
+    def lens_part(self, job: LensJob | dict[str, Any], source: LensSource | dict[str, Any], record: dict[str, Any],
                   directions: Optional[list[Any]]) -> dict[str, Any]:
         """Post-hoc logit lens over one committed part of a stored run; writes the same part id in the new run."""
         t0 = time.perf_counter()
         from ..cache import ActivationCache
         from ..storage.shards import read_part_shards
 
-        writer = self._writer(job["storage"])
-        run = RunHandle.from_dict(job["run"])
+        job, source = LensJob.coerce(job), LensSource.coerce(source)
+        writer, run = self._writer(job.storage), job.run
         check_shared_run_dir(writer.store, run)
         part_id = int(record["part_id"])
         done = self._existing(writer, run, part_id)
         if done is not None:
             return {"part_id": part_id, "rows": done["rows"], "skipped": True, "seconds": 0.0, "pid": os.getpid()}
-        check_record(record, part_id, f"part {part_id} of run {source['run_id']}")  # shard names become paths
-        src_writer = self._writer(source["storage"])
-        lens_cfg = job["logit_lens"]
+        check_record(record, part_id, f"part {part_id} of run {source.run_id}")  # shard names become paths
+        src_writer = self._writer(source.storage)
+        lens_cfg = job.logit_lens
         keys = needed_keys(lens_cfg, list(record["keys"]))
         masks = [k for k in (VALID_KEY,) if k in record["keys"]]  # which slots are real travels with the lens
-        tensors = read_part_shards(src_writer.store, f"{source['run_dir']}/shards", record["shards"], keys + masks)
+        tensors = read_part_shards(src_writer.store, f"{source.run_dir}/shards", record["shards"], keys + masks)
         missing = [k for k in keys if k not in tensors]
         if missing:
-            raise StorageError(f"part {part_id} of run {source['run_id']} lacks {missing}; it cannot be lensed.")
+            raise StorageError(f"part {part_id} of run {source.run_id} lacks {missing}; it cannot be lensed.")
         cache = ActivationCache.from_flat(tensors, {})
         out = apply_lens(self._get_lens(), cache, lens_cfg, directions)
         if lens_cfg["keep_activations"]:

@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("ray")
 
 from easyroutine_dist.config import ExtractionConfig  # noqa: E402
+from easyroutine_dist.distributed.job import ExtractionJob, StorageSpec  # noqa: E402
 from easyroutine_dist.distributed.partitions import PartitionSpec  # noqa: E402
 from easyroutine_dist.errors import StorageError  # noqa: E402
 from easyroutine_dist.storage.runs import RunWriter, load_run, run_dir  # noqa: E402
@@ -45,11 +46,9 @@ def _texts() -> list[str]:
     return texts
 
 
-def _job(writer: RunWriter, run, tmp_path, **storage) -> dict:
-    return {"run": run.to_dict(), "storage": {"base_dir": str(tmp_path), "storage_options": {},
-                                              "max_shard_bytes": 3000, **storage},
-            "batch_size": 3, "target_token_positions": SPECS, "extraction_config": CONFIG.to_dict(),
-            "position_seed": 0, "statistics": True, "self_check": "off"}
+def _job(writer: RunWriter, run, tmp_path) -> ExtractionJob:
+    return ExtractionJob(run=run, storage=StorageSpec(base_dir=str(tmp_path), max_shard_bytes=3000), batch_size=3,
+                         target_token_positions=SPECS, extraction_config=CONFIG.to_dict(), statistics=True)
 
 
 def _parts(texts: list[str]) -> list[PartitionSpec]:

@@ -3,10 +3,12 @@
 * A second attempt at a partition (re-queued while the first still runs) returns ``skipped=True`` whether the
   first commits before its write or between its write and its commit, and the committed bytes stay the first's.
 * ``lens_part`` never uses a shard name from a record as a path unless it is a valid shard name.
-* The job's storage dict carries ``durable`` and a worker's writer honours it.
+* The job's storage (``StorageSpec``) carries ``durable`` and a worker's writer honours it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -31,6 +33,12 @@ def _data(value: float):
     return {"x": torch.full((2, 4), value), "ids": torch.arange(2) + int(value)}, {"note": f"v{value}"}
 
 
+def _job(writer: RunWriter, run):
+    from easyroutine_dist.distributed.job import StorageSpec, WorkerJob
+
+    return WorkerJob(run=run, storage=StorageSpec(base_dir=writer.store.root))
+
+
 def _load(writer: RunWriter, run):
     writer.commit_run(run)
     return load_run(writer.store, {"experiment_name": EXP, "model_name": MODEL, "run_id": run.run_id})[0]
@@ -40,7 +48,7 @@ def test_second_attempt_after_the_first_committed_is_skipped(tmp_path):
     writer = RunWriter(str(tmp_path))
     run = writer.begin_run(EXP, MODEL, {})
     writer.commit_part(run, writer.write_part(run, 0, _data(1.0)))  # the first attempt, done
-    res = _worker()._finish({}, writer, run, 0, _data(2.0), 0.0, 2)  # the re-queued one reaches the write
+    res = _worker()._finish(_job(writer, run), writer, run, 0, _data(2.0), 0.0, 2)  # the re-queued one reaches the write
     assert res["skipped"] is True and res["part_id"] == 0
     assert torch.equal(_load(writer, run)["x"], torch.full((2, 4), 1.0))
 
@@ -56,7 +64,7 @@ def test_second_attempt_losing_the_commit_race_is_skipped(tmp_path, monkeypatch)
         assert writer.commit_part(run, first) is True
 
     monkeypatch.setattr(ExtractionWorker, "_maybe_fail", staticmethod(first_commits_now))
-    res = _worker()._finish({}, writer, run, 0, _data(2.0), 0.0, 2)
+    res = _worker()._finish(_job(writer, run), writer, run, 0, _data(2.0), 0.0, 2)
     assert res["skipped"] is True
     cache = _load(writer, run)
     assert torch.equal(cache["x"], torch.full((2, 4), 1.0)) and cache["note"] == "v1.0"
@@ -93,9 +101,9 @@ def test_durable_storage_reaches_the_workers_writer(tmp_path):
     saver = ActivationSaver(tmp_path, EXP)
     ex = DistributedExtractor.__new__(DistributedExtractor)
     ex.ship_credentials = False
-    assert DistributedExtractor._storage(ex, saver)["durable"] is False
+    assert DistributedExtractor._storage(ex, saver).durable is False
     saver.store.durable = True
     storage = DistributedExtractor._storage(ex, saver)
-    assert storage["durable"] is True
+    assert storage.durable is True
     assert _worker()._writer(storage).store.durable is True
-    assert _worker()._writer(dict(storage, durable=False)).store.durable is False
+    assert _worker()._writer(dataclasses.replace(storage, durable=False)).store.durable is False
