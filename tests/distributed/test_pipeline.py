@@ -11,6 +11,7 @@ On the previous main a part was one whole-partition write: its shards had no row
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -56,7 +57,7 @@ def _parts(texts: list[str]) -> list[PartitionSpec]:
 
 
 def _load(writer: RunWriter, run):
-    writer.commit_run(run, statistics=True)
+    writer.commit_run(run, statistics=any("statistics" in r for r in writer.committed_parts(run).values()))
     entry = {"experiment_name": EXP, "model_name": MODEL, "run_id": run.run_id}
     return load_run(writer.store, entry)[0], entry
 
@@ -166,3 +167,22 @@ def test_resume_after_a_crash_mid_part(worker, tmp_path, monkeypatch):
     assert not {os.path.basename(f) for f in left} & {sh["file"] for sh in rec["shards"]}
     scan = scan_run(writer.store, run_dir(writer.store, entry))  # the crashed attempt's files: listed orphans
     assert {os.path.basename(f) for f in left} <= {n.rsplit("/", 1)[-1] for n in scan.orphans}
+
+
+def test_a_part_averaged_over_examples_is_written_once(worker, tmp_path):
+    """``avg_over_example``: one ``[1, P, d]`` mean per part, equal to the mean over its rows run alone in HF."""
+    from ..oracle import hf_row
+
+    texts = _texts()[:7]
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    cfg = ExtractionConfig(extract_resid_out=True, avg_over_example=True)
+    job = dataclasses.replace(_job(writer, run, tmp_path), target_token_positions=["last"],
+                              extraction_config=cfg.to_dict(), statistics=False)
+    assert not worker.extract_part(job, PartitionSpec(0, 0, 7, texts=texts))["skipped"]
+    rec = writer.committed_parts(run)[0]
+    assert [sh["rows"] for sh in rec["shards"]] == [[0, 1]]
+    cache, _ = _load(writer, run)
+    rows = [worker.model.hf_tokenizer(t)["input_ids"] for t in texts]
+    want = torch.stack([hf_row(worker.model.hf_model, ids)[0][1][-1] for ids in rows]).mean(0)
+    torch.testing.assert_close(cache["resid_out_0"][0, 0], want, atol=1e-5, rtol=1e-4)
