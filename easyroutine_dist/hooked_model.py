@@ -269,7 +269,7 @@ class HookedModel(EasyroutineMembers):
             out = {k: v.cpu() if isinstance(v, torch.Tensor) and not v.requires_grad else v for k, v in out.items()}
         layout, masks = self._layout(out, cfg, rows, resolved)
         # position of each pattern row within its unpadded prompt (for the "baseline_ratio" reduction)
-        row_abs = rows.index - mask.argmax(-1)[:, None]
+        row_abs = (mask.long().cumsum(-1) - 1).gather(1, rows.index.to(mask.device))
         reduce_patterns(out, cfg, rows.mapping_index, resolved.mapping_index, row_abs, rows.valid, resolved.valid)
         reduce_positions(out, cfg, layout, masks)
         result = {k: out[k] for k in keys + [k for k in ("input_embeddings_gradients", "logits", "input_ids") if k in out]}

@@ -3,7 +3,11 @@
 Every position is an index into a row's REAL tokens (the unpadded prompt, 0 = its first real
 token), so left padding, right padding and no padding give the same answer as running each
 prompt alone. The attention mask ``[batch, seq]`` (1 = real token) says where the real tokens
-are; they must form one contiguous block per row.
+are: a row's real tokens are the indices where its mask is 1, in order. They usually form one
+block (left or right padding), but need not: with holes (0s between 1s), ``"last"`` is the last
+index whose mask is 1, ``"first"`` the first, a slice takes the real tokens in order, skipping
+the holes, and so on. ``HookedModel`` gives real tokens the position ids ``cumsum(mask) - 1``, so
+a row with holes gives what its real tokens alone give (tests/test_positions_holes.py).
 
 Specs (one list, groups concatenated in request order on the position axis ``P``):
 
@@ -34,7 +38,7 @@ single-process run of the same data with the same seed pick the same positions. 
 sampled.
 
 Strictness: a spec that selects zero positions in any row, an int out of range for a row, a
-malformed spec, duplicate specs, a non-contiguous mask or an all-zero mask row raise
+malformed spec, duplicate specs, a non-binary mask or an all-zero mask row raise
 :class:`PositionError` naming the spec, the row, the rule and the fix.
 """
 
@@ -193,8 +197,8 @@ def validate_specs(specs: Any) -> list[Spec]:
     return [p.value for p in _parse_all(specs)]
 
 
-def _real_spans(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Start (absolute index) and length of each row's real-token block. Mask: ``[batch, seq]``."""
+def _real_tokens(attention_mask: torch.Tensor) -> list[list[int]]:
+    """Absolute indices of each row's real tokens (where the mask is 1), in order. Mask: ``[batch, seq]``."""
     where = "attention_mask"
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
@@ -210,14 +214,8 @@ def _real_spans(attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
     zero = (lengths == 0).nonzero().flatten().tolist()
     if zero:
         raise _fail(where, "the row has no real tokens (all-zero mask)", "drop empty prompts", row=zero[0])
-    starts = m.to(torch.int8).argmax(dim=1)
-    ar = torch.arange(seq)
-    block = (ar[None, :] >= starts[:, None]) & (ar[None, :] < (starts + lengths)[:, None])
-    bad = (block != m).any(dim=1).nonzero().flatten().tolist()
-    if bad:
-        raise _fail(where, "real tokens are not contiguous (padding inside the prompt)",
-                    "use plain left or right padding", row=bad[0])
-    return starts.tolist(), lengths.tolist()
+    cols = m.nonzero()[:, 1]  # row-major: each row's real indices, in order
+    return [c.tolist() for c in torch.split(cols, lengths.tolist())]
 
 
 def _row_pivots(pivot_positions: Any, lengths: list[int], key: str) -> list[list[int]]:
@@ -302,7 +300,8 @@ def resolve_positions(
         raise _fail("seed", f"must be an int, got {seed!r}", "pass an integer seed")
     if _as_int(row_offset) is None or int(row_offset) < 0:
         raise _fail("row_offset", f"must be an int >= 0, got {row_offset!r}", "pass the batch's first dataset row")
-    starts, lengths = _real_spans(attention_mask)
+    real = _real_tokens(attention_mask)
+    lengths = [len(r) for r in real]
     pivots = None
     for p in parsed:
         if p.kind in ("partition", "random_partition"):
@@ -318,7 +317,7 @@ def resolve_positions(
         width = max(len(s) for s in sel)
         for r, s in enumerate(sel):
             pad = width - len(s)
-            index_rows[r].extend([starts[r] + j for j in s] + [starts[r] + s[0]] * pad)
+            index_rows[r].extend([real[r][j] for j in s] + [real[r][s[0]]] * pad)
             valid_rows[r].extend([True] * len(s) + [False] * pad)
         mapping[p.key] = list(range(offset, offset + width))
         token_dict[p.key] = sel
