@@ -206,7 +206,7 @@ def move(run: EasyroutineRun, new_experiment_name: str) -> EasyroutineRun:
                            "nothing was moved.")
     data["experiment_name"] = new_experiment_name
     text = json.dumps(data, indent=4)
-    if base.is_dir():
+    if base.is_dir():  # (no base_dir, no run to move: shutil.move says so, and no folder is made anywhere)
         target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(src), str(target))
     with open(target / layout.METADATA_FILE, "w") as f:

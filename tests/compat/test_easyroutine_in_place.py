@@ -27,8 +27,8 @@ def base(tmp_path, er):
     """A base_dir holding three easyroutine runs of "exp" (written out of time order) and one of "other"."""
     root = tmp_path / "acts"
     g = torch.Generator().manual_seed(1)
-    data = {"t": torch.randn(2, 3, generator=g), "d": torch.randn(4, generator=g), "c": torch.rand(2, 1, 6, generator=g),
-            "p": torch.rand(1, 3, 3, generator=g)}
+    data = {"t": torch.randn(2, 3, generator=g), "d": torch.randn(4, generator=g),
+            "c": torch.rand(2, 1, 6, generator=g), "p": torch.rand(1, 3, 3, generator=g)}
     cache = er.ActivationCache()
     cache.cache.update({"resid_out_0": data["c"], "avg_pattern_L0H0": er.ValueWithInfo(data["p"], "all rows"),
                         "metadata": {"extraction_config": er.ExtractionConfig(extract_resid_out=True)}})
@@ -55,7 +55,8 @@ def test_query_lists_them_as_easyroutine_tuples_in_time_folder_order(base):
     text = str(found)
     assert "0 - Experiment: exp, Model: org_model, Time Folder: 2024-03-01_09_00_00" in text
     assert "  Tag: first" in text
-    assert [r.metadata["tag"] for r in ActivationLoader(root, "exp").query(experiment_name="*")] == ["first", "dict", "elsewhere", "cache"]
+    everywhere = ActivationLoader(root, "exp").query(experiment_name="*")
+    assert [r.metadata["tag"] for r in everywhere] == ["first", "dict", "elsewhere", "cache"]
 
 
 def test_filters_are_those_of_our_runs(base):
