@@ -44,7 +44,7 @@ class Catalog:
 
     ``trust_s`` > 0: an experiment whose listing ended less than ``trust_s`` seconds ago is not listed again (runs
     taken in by :meth:`note` or :meth:`add` are seen at once; others, committed by writers that bypass this
-    instance, within ``trust_s`` plus the time of one listing). 0 (default): every query checks the listing (local disk: a directory mtime, once it is 2 s old)."""
+    instance, within ``trust_s`` plus the time of one listing). 0 (default): every query checks the listing."""
 
     def __init__(self, store: Store, trust_s: float = 0.0) -> None:
         self.store = store
@@ -184,7 +184,8 @@ class Catalog:
             table = state[1].get((field, subkey))
             if table is None:  # built under the lock: note() may extend `current` meanwhile
                 table = {}
-                _index_into(table, current, field, subkey)
+                with snapshots.gc_paused():  # (10^5 fresh lists: no full collections over them meanwhile)
+                    _index_into(table, current, field, subkey)
                 state[1][(field, subkey)] = table
         found = table.get(_ikey(value), [])
         return sorted(found, key=_order) if len(found) > 1 else list(found)
@@ -397,8 +398,7 @@ class Catalog:
                 listed = set(wanted)
                 for gone in [n for n in cache if n not in listed]:
                     del cache[gone]
-                # (cache holds listed names only now; in snapshot order, which is sorted: timsort is ~linear)
-                current = sorted(cache.values(), key=_order)
+                current = sorted(cache.values(), key=_order)  # (listed names only; snapshot order: ~linear)
             if len(current) == len(wanted):  # every listed entry is known: safe to reuse for this listing
                 self._listing[exp] = (names, current, mtime, listed_at, listed_clock)
             snapshot = fresh if len(fresh) >= COMPACT_AFTER else None
