@@ -190,15 +190,24 @@ class _Template:
         return len(json.dumps(rec, sort_keys=True).encode())
 
 
-def _part_files(tpl: _Template, part: _Part, max_shard_bytes: int) -> tuple[int, list[tuple[list[str], int, int]]]:
-    """``(tensor bytes, [(keys, shard bytes, header bytes)])`` of one partition, split as a worker streams it: each
-    batch's rows (one put each; a part averaged over examples is one put), then by size as ``plan_shards`` does."""
+def _part_files(tpl: _Template, part: _Part, max_shard_bytes: int,
+                coalesce: int) -> tuple[int, list[tuple[list[str], int, int]]]:
+    """``(tensor bytes, [(keys, shard bytes, header bytes)])`` of one partition, split as a worker streams it: its
+    batches' rows, small batches joined up to ``coalesce`` bytes (``streaming.coalesced``; a part averaged over
+    examples is one write), each write split by size as ``plan_shards`` does."""
     from ..storage.shards import _header, plan_shards
+    from ..storage.streaming import coalesced
 
     full = {k: tpl.shape_for(k, part) for k in tpl.keys}
     per_row = all(full[k] and full[k][0] == part.rows for k in tpl.keys)
+    chunks = [part.rows]
+    if per_row:
+        row_bytes = sum(math.prod(full[k][1:]) * torch.empty((), dtype=tpl.dtype[k]).element_size() for k in tpl.keys)
+        chunks, i = [], 0
+        for g in coalesced([r * row_bytes for r in part.batch_rows], coalesce):
+            chunks, i = chunks + [sum(part.batch_rows[i:i + g])], i + g
     out, total = [], 0
-    for rows in (part.batch_rows if per_row else [part.rows]):
+    for rows in chunks:
         tensors = {k: _meta_tensor([rows, *full[k][1:]] if per_row else full[k], tpl.dtype[k]) for k in tpl.keys}
         for keys in plan_shards(tensors, max_shard_bytes):
             group = {k: tensors[k] for k in keys}
@@ -296,7 +305,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     from ..storage.layout import check_tag
     from ..storage.query import normalise
     from ..storage.runs import SCHEMA_VERSION
-    from ..storage.streaming import check_inflight_bytes
+    from ..storage.streaming import check_inflight_bytes, coalesce_target
     from .lensing import check_lens_config, lens_metadata
     from .models import describe_source
     from .partitions import plan_dataset
@@ -341,6 +350,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     cal = _calibrate(worker, firsts, saver, meta, settings, batch_size)
     tpl = _Template(cal["record"], cal["headers"])
     max_shard = int(saver.writer.max_shard_bytes)
+    budget = check_inflight_bytes(max_inflight_bytes)
     remote = not saver.store.is_local
 
     scanned_rows = sum(p.rows for p in parts)
@@ -351,7 +361,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     widest: dict[str, list[int]] = {}
     fixed = sum(int(sh["bytes"]) for sh in tpl.fixed_shards)
     for i, part in enumerate(parts):
-        data, shards = _part_files(tpl, part, max_shard)
+        data, shards = _part_files(tpl, part, max_shard, coalesce_target(max_shard, budget))
         tensor_bytes += data
         part_max = max(part_max, data)
         batch_max = max(batch_max, data * max(part.batch_rows or [part.rows]) // max(1, part.rows))
@@ -381,7 +391,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
     longest = max((p.longest for p in parts), default=0)
     forward = 4 * batch_size * (longest * hidden * 12 + vocab)  # a layer's buffers (attention, MLP) + last logits
     weights = _model_bytes(worker.model)
-    waiting = min(part_max, max(check_inflight_bytes(max_inflight_bytes), batch_max))  # batches awaiting storage
+    waiting = min(part_max, max(budget, batch_max))  # batches awaiting storage
     peak = (weights if num_gpus_per_worker <= 0 else 0) + waiting + batch_max + forward + (shard_max if remote else 0)
     assumptions = [
         f"workers compute as fast as this machine: {cal['rows'][1]} rows took {cal['warm_seconds']:.2f} s warm "

@@ -4,7 +4,8 @@ A worker hands each batch's tensors (``{key: [rows, ...]}`` on the host, already
 every batch of a part has the same keys, dtypes and non-row dims) to a :class:`PartStream`. A writer thread
 serialises, checksums and uploads each batch as shards of the part, ``shards/part-PPPPP-SSSS-<attempt>``, whose
 records carry ``"rows": [a, b]`` (rows ``a..b`` of the part; a batch bigger than ``max_shard_bytes`` is split by
-keys into several shards of the same rows), while the caller computes the next batch.
+keys into several shards of the same rows), while the caller computes the next batch. Consecutive batches smaller
+than :func:`coalesce_target` (4 MiB at most) are joined into one write, so small outputs make few objects.
 
 Memory budget: the bytes handed to ``put`` and not yet written (queued, or being written) never exceed
 ``max_inflight_bytes`` (:data:`DEFAULT_MAX_INFLIGHT_BYTES`, 512 MiB); ``put`` blocks until they fit, so a forward
@@ -35,10 +36,14 @@ from .shards import plan_shards, write_shard
 
 #: default cap on a worker's batch bytes waiting for, or in, a shard write (``max_inflight_bytes``)
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 1024**2
+#: batches smaller than this are joined into one shard (fewer, larger objects: an object store is request-bound on
+#: small ones); the target is also at most a quarter of the budget and at most ``max_shard_bytes``
+COALESCE_BYTES = 4 * 1024**2
 _MAX_SHARDS = 10_000  # shard indices have four digits (layout.shard_name)
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MAX_INFLIGHT_BYTES", "PartStream", "check_inflight_bytes"]
+__all__ = ["COALESCE_BYTES", "DEFAULT_MAX_INFLIGHT_BYTES", "PartStream", "check_inflight_bytes", "coalesce_target",
+           "coalesced"]
 
 
 def check_inflight_bytes(value: Any) -> int:
@@ -49,6 +54,27 @@ def check_inflight_bytes(value: Any) -> int:
         raise ConfigError(f"max_inflight_bytes={value!r} must be an int >= 1 (bytes of batches waiting for storage "
                           f"per worker; default {DEFAULT_MAX_INFLIGHT_BYTES} = 512 MiB).")
     return int(value)
+
+
+def coalesce_target(max_shard_bytes: int, budget: int) -> int:
+    """Bytes up to which consecutive batches are joined into one shard write."""
+    return max(1, min(int(max_shard_bytes), int(budget) // 4, COALESCE_BYTES))
+
+
+def coalesced(sizes: list[int], target: int) -> list[int]:
+    """How :meth:`PartStream.put` groups batches of ``sizes`` bytes into shard writes: batches per group, in order (a
+    group is written once it reaches ``target``, or before a batch that would take it past ``target``)."""
+    groups: list[int] = []
+    count = acc = 0
+    for n in sizes:
+        if count and acc + n > target:
+            groups.append(count)
+            count = acc = 0
+        count, acc = count + 1, acc + n
+        if acc >= target:
+            groups.append(count)
+            count = acc = 0
+    return groups + ([count] if count else [])
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -68,6 +94,10 @@ class PartStream:
         self.attempt = layout.new_attempt()
         self.checksum, self.max_shard_bytes = checksum, int(max_shard_bytes)
         self.budget = check_inflight_bytes(max_inflight_bytes)
+        self.coalesce = coalesce_target(self.max_shard_bytes, self.budget)
+        self._group: list[tuple[int, int, dict[str, torch.Tensor]]] = []  # small batches joined into one write
+        self._group_bytes = 0
+        self._info: dict[str, Any] = {}
         self.rows = 0  # rows handed over so far
         self.shards: list[dict[str, Any]] = []  # written by the writer thread; read after it stopped
         self.peak_inflight = 0  # the most bytes ever waiting or being written (for tests and benchmarks)
@@ -98,7 +128,10 @@ class PartStream:
             raise StorageError(f"part {self.part_id}: a streamed batch needs [rows, ...] tensors with one row count, "
                                f"got {sorted(rows)} rows.")
         n, a = _nbytes(tensors), self.rows
+        b = a + rows.pop()
         with self._cond:
+            if self._group and self._group_bytes + n > self.coalesce:
+                self._flush()  # before waiting: the group's bytes count in the budget until written
             t0 = time.perf_counter()
             while self._error is None and self._inflight > 0 and self._inflight + n > self.budget:
                 self._cond.wait()
@@ -107,15 +140,29 @@ class PartStream:
                 raise self._error
             if self._closed:
                 raise StorageError(f"part {self.part_id}: the stream is finished; nothing more can be written.")
-            self._queue.append((a, a + rows.pop(), tensors, info or {}, n))
+            self._group.append((a, b, tensors))
+            self._group_bytes += n
             self._inflight += n
+            self._info = info or {}
             self.peak_inflight = max(self.peak_inflight, self._inflight)
+            if self._group_bytes >= self.coalesce:
+                self._flush()
+        self.rows = b
+
+    def _flush(self) -> None:
+        """Queue the group of batches for the writer (the lock is held)."""
+        if self._group:
+            self._queue.append((self._group[0][0], self._group[-1][1], [t for _, _, t in self._group], self._info,
+                                self._group_bytes))
+            self._group, self._group_bytes = [], 0
             self._cond.notify_all()
-        self.rows += int(next(iter(tensors.values())).shape[0])
 
     def finish(self, info: dict[str, Any]) -> dict[str, Any]:
         """Wait for the last shard; return the part's record ``{part_id, rows, keys, info, shards, attempt,
         checksum}`` (plus its statistics shard when asked). Not committed: ``RunWriter.commit_part`` does that."""
+        with self._cond:
+            if self._error is None:
+                self._flush()
         self._close()
         if self._error is not None:
             raise self._error
@@ -133,6 +180,7 @@ class PartStream:
         """Stop the writer (after the write in progress) and remove the shards this attempt wrote (best effort)."""
         with self._cond:
             self._queue.clear()
+            self._group, self._group_bytes = [], 0
             self._inflight = 0
             if self._error is None:
                 self._error = StorageError(f"part {self.part_id}: the stream was aborted.")
@@ -174,7 +222,8 @@ class PartStream:
                     self._inflight -= item[4]
                 self._cond.notify_all()
 
-    def _write(self, a: int, b: int, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    def _write(self, a: int, b: int, chunks: list[dict[str, torch.Tensor]], info: dict[str, Any]) -> None:
+        tensors = chunks[0] if len(chunks) == 1 else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
         for keys in plan_shards(tensors, self.max_shard_bytes):
             index = len(self.shards)
             if index + 1 >= _MAX_SHARDS:  # one more index stays free for the statistics shard

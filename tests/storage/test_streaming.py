@@ -4,6 +4,7 @@
   ``put`` (the forward) blocks instead; every row arrives, in order.
 * A streamed part's shards (row ranges) load as one part, equal to the rows handed over; a gap in the ranges or a
   shard with the wrong row count is refused, never silently joined.
+* Small batches are joined into one shard write (as ``streaming.coalesced`` predicts for the dry-run plan).
 * ``max_inflight_bytes`` is checked with a clear error.
 On the previous main there was no streaming module, so these fail there.
 """
@@ -83,7 +84,7 @@ def test_one_batch_bigger_than_the_budget_goes_alone(tmp_path):
 def test_row_ranges_must_tile_the_part(tmp_path):
     writer = RunWriter(str(tmp_path))
     run = writer.begin_run(EXP, MODEL, {})
-    stream = _stream(writer, run)
+    stream = _stream(writer, run, max_inflight_bytes=4)  # a tiny budget: no batch is joined with another
     for i in range(3):
         stream.put(_batch(i))
     rec = stream.finish({})
@@ -95,6 +96,27 @@ def test_row_ranges_must_tile_the_part(tmp_path):
     bad = [dict(rec["shards"][0], rows=[0, 5]), dict(rec["shards"][1], rows=[5, 8])]
     with pytest.raises(CorruptShardError, match="not 5 rows"):
         read_part_shards(writer.store, sdir, bad)
+
+
+def test_small_batches_are_joined_into_fewer_shards(tmp_path):
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    per = sum(t.numel() * t.element_size() for t in _batch(0).values())
+    stream = _stream(writer, run, max_inflight_bytes=4 * 3 * per)  # joins up to 3 batches (a quarter of the budget)
+    assert stream.coalesce == 3 * per
+    for i in range(10):
+        stream.put(_batch(i))
+    rec = stream.finish({})
+    assert [sh["rows"] for sh in rec["shards"]] == [[0, 12], [12, 24], [24, 36], [36, 40]]
+    assert streaming.coalesced([per] * 10, 3 * per) == [3, 3, 3, 1]  # what the dry-run plan predicts
+    assert streaming.coalesced([per, 5 * per, per], 3 * per) == [1, 1, 1]
+    got = read_part_shards(writer.store, writer.store.path(run.rel, "shards"), rec["shards"])
+    assert torch.equal(got["x"], torch.cat([_batch(i)["x"] for i in range(10)]))
+    assert torch.equal(got["ids"], torch.cat([_batch(i)["ids"] for i in range(10)]))
+    default = _stream(writer, run, part_id=1)  # default budget: 4 MiB groups, so these 10 batches are one shard
+    for i in range(10):
+        default.put(_batch(i))
+    assert [sh["rows"] for sh in default.finish({})["shards"]] == [[0, 40]]
 
 
 def test_keys_must_match_and_budget_is_checked(tmp_path):
