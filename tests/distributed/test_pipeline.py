@@ -186,3 +186,28 @@ def test_a_part_averaged_over_examples_is_written_once(worker, tmp_path):
     rows = [worker.model.hf_tokenizer(t)["input_ids"] for t in texts]
     want = torch.stack([hf_row(worker.model.hf_model, ids)[0][1][-1] for ids in rows]).mean(0)
     torch.testing.assert_close(cache["resid_out_0"][0, 0], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    ExtractionConfig(extract_resid_out=True, extract_attn_pattern=True),
+    ExtractionConfig(extract_resid_out=True, extract_attn_pattern=True, attn_pattern_row_positions=["last", "all"]),
+    ExtractionConfig(extract_resid_out=True, avg=True)], ids=["patterns", "pattern-rows", "avg"])
+def test_streamed_part_equals_the_single_process_cache(worker, tmp_path, cfg):
+    """Both pattern axes variable-width per batch, and group means: the streamed part is the single-process
+    ``extract_cache`` of the same rows (itself checked against plain HF in tests/test_extraction.py), every key,
+    the slot layout and the mapping."""
+    from easyroutine_dist.tokenization import tokenize_batches
+
+    texts = _texts()[:7]
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    job = dataclasses.replace(_job(writer, run, tmp_path), extraction_config=cfg.to_dict(), statistics=False)
+    worker.extract_part(job, PartitionSpec(0, 0, 7, texts=texts))
+    got, _ = _load(writer, run)
+    ref = worker.model.extract_cache(tokenize_batches(worker.model.hf_tokenizer, texts, 3), SPECS,
+                                     extraction_config=cfg)
+    assert sorted(ref.tensor_keys()) == sorted(got.tensor_keys())
+    for k in ref.tensor_keys():
+        assert ref[k].shape == got[k].shape, k
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert got["slot_layout"] == ref["slot_layout"] and got["mapping_index"] == ref["mapping_index"]
