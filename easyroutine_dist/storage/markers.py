@@ -14,12 +14,13 @@ from ..errors import MetadataError, StorageError
 from . import layout
 from .fs import Store, read_bytes
 
-#: run markers this version reads: 1 embeds every part record, 2 references ``records/part-PPPPP.json`` by part id
-READABLE_SCHEMA_VERSIONS = (1, 2)
+#: run markers this version reads: 1 embeds every part record, 2 references ``records/part-PPPPP.json`` by part id,
+#: 3 is 2 whose part records may hold row-range shards (streamed parts)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 def read_manifest(store: Store, run_dir: str) -> dict[str, Any]:
-    """The raw JSON of a run's ``_SUCCESS`` marker, schema 1 or 2 (StorageError when the run is not committed)."""
+    """The raw JSON of a run's ``_SUCCESS`` marker, schema 1, 2 or 3 (StorageError when the run is not committed)."""
     raw = read_bytes(store, f"{run_dir}/{layout.RUN_MARKER}")
     try:
         manifest = json.loads(raw)

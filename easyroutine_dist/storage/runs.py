@@ -34,7 +34,9 @@ from .query import normalise
 from .shards import (DEFAULT_CHECKSUM, DEFAULT_MAX_SHARD_BYTES, check_checksum, plan_shards, read_part_shards,
                      write_shard)
 
-SCHEMA_VERSION = 2
+#: 3: as 2, and a part's shards may split it by rows (``"rows": [a, b]``, streamed parts); readers that know only
+#: 1 and 2 would join such shards wrongly, so they must refuse these runs (they do: unknown version -> upgrade)
+SCHEMA_VERSION = 3
 _RECORD_RE = re.compile(r"^part-(\d{5,7})\.json$")  # ids padded to 5 digits (layout.record_name)
 _LOG = logging.getLogger(__name__)
 

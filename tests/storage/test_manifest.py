@@ -1,4 +1,4 @@
-"""Run marker schema 2: ``_SUCCESS`` references part records by id; commit_run reads no record body."""
+"""Run marker schemas 2 and 3: ``_SUCCESS`` references part records by id; commit_run reads no record body."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_commit_run_reads_no_record_body_and_loads_in_order(backend, monkeypatch
 
     rdir = writer.store.path(run.rel)
     marker = read_manifest(writer.store, rdir)
-    assert marker["schema_version"] == 2 and marker["parts"] == [0, 1, 2, 3]
+    assert marker["schema_version"] == 3 and marker["parts"] == [0, 1, 2, 3]
     assert "records" not in marker and "token_dict" not in json.dumps(marker)
 
     res = backend.loader("exp").query()
@@ -214,3 +214,28 @@ def test_unknown_schema_version_is_refused(local_backend):
         json.dump({"schema_version": 99, "metadata": run.metadata}, f)
     with pytest.raises(StorageError, match="schema_version 99"):
         local_backend.loader("exp").query().load()
+
+
+def test_schema_3_runs_are_refused_by_readers_of_2_and_schema_2_runs_still_read(local_backend, monkeypatch):
+    """Schema 3 part records may split a part by rows (streamed parts). A reader that knows only 1 and 2 would keep
+    the last row range of such a part, so new runs must carry 3 and such a reader must refuse them; a marker
+    written as schema 2 (before streaming) still loads."""
+    from easyroutine_dist.storage import markers
+
+    writer = _writer(local_backend)
+    run = _begin(writer)
+    _write_parts(writer, run)
+    writer.commit_run(run)
+    rdir = writer.store.path(run.rel)
+    assert read_manifest(writer.store, rdir)["schema_version"] == 3
+    with monkeypatch.context() as m:  # a reader from before streaming
+        m.setattr(markers, "READABLE_SCHEMA_VERSIONS", (1, 2))
+        with pytest.raises(StorageError, match="schema_version 3"):
+            read_manifest(writer.store, rdir)
+    marker_path = f"{rdir}/{layout.RUN_MARKER}"
+    old = json.loads(writer.store.fs.cat_file(marker_path))
+    old["schema_version"] = 2
+    writer.store.fs.pipe_file(marker_path, json.dumps(old).encode())
+    cache, _ = local_backend.loader("exp").query().load()
+    expected = torch.cat([_part(pid, ROWS[pid])[0]["x"] for pid in sorted(ROWS)])  # built here, not read back
+    assert torch.equal(cache["x"], expected)
