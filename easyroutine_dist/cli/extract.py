@@ -45,6 +45,9 @@ def extract(
     resume: bool = typer.Option(False, help="Recompute only the partitions of --run-id without a commit record."),
     ray_address: Optional[str] = typer.Option(
         None, help="'auto' to join a running cluster. Default: the job's, else a local cluster."),
+    shared_base_dir: bool = typer.Option(
+        False, help="The local base_dir is one filesystem every node mounts (NFS...); without it a local base_dir "
+                    "on a cluster of several nodes is refused. Default: the job's, else off."),
     config: Optional[Path] = typer.Option(
         None, help="Job YAML (see cluster/job-*.yaml); flags override it. Default: none."),
     dry_run: bool = typer.Option(
@@ -64,7 +67,7 @@ def extract(
              "batch_size": batch_size,
              "partition_size": partition_size, "target_token_positions": positions, "extract": extract_,
              "logit_lens": logit_lens, "top_k": top_k, "tag": tag, "run_id": run_id, "resume": resume,
-             "ray_address": ray_address}
+             "ray_address": ray_address, "shared_base_dir": shared_base_dir or None}
     job = prepare(flags, config)
     if dry_run:
         _print_plan(job, as_json)
@@ -75,7 +78,7 @@ def extract(
 
     extractor = DistributedExtractor(job.model, num_workers=job.num_workers, num_gpus_per_worker=job.gpus_per_worker,
                                      num_cpus_per_worker=job.cpus_per_worker, model_kwargs=job.model_kwargs,
-                                     ray_address=job.ray_address)
+                                     ray_address=job.ray_address, shared_base_dir=job.shared_base_dir)
     extractor.resume_command = resume_command  # logged with the run id before the workers load the model
     try:
         handle = extractor.extract(job.dataset, job.positions, job.config, job.saver, batch_size=job.batch_size,

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 JOB_KEYS = {"model", "model_kwargs", "num_workers", "gpus_per_worker", "cpus_per_worker", "dataset", "batch_size",
             "partition_size", "target_token_positions", "extraction_config", "logit_lens", "base_dir", "experiment",
-            "tag", "ray_address"}
+            "tag", "ray_address", "shared_base_dir"}
 DATASET_KEYS = {"path", "name", "split", "text_column"}
 _DATASET_HELP = ("give a .txt file (one prompt per line), a .json/.jsonl file of objects with a text field, a "
                  "save_to_disk folder or a Hugging Face dataset name")
@@ -221,6 +221,7 @@ class Job:
     cpus_per_worker: float
     tag: Optional[str]
     ray_address: Optional[str]
+    shared_base_dir: bool = False  # a local base_dir that every node of the cluster mounts
 
 
 def _int(value: Any, what: str, low: int = 1) -> int:
@@ -250,6 +251,10 @@ def prepare(flags: dict[str, Any], config: Optional[Path]) -> Job:
     batch_size = _int(pick("batch_size", 8), "batch_size")
     partition_size = _int(pick("partition_size", 64), "partition_size")
     num_workers = _int(pick("num_workers", 1), "num_workers")
+    shared = pick("shared_base_dir", False)
+    if not isinstance(shared, bool):
+        raise ConfigError(f"shared_base_dir={shared!r} must be true or false (true: the local base_dir is one "
+                          "filesystem every node mounts).")
     if flags.get("resume") and not flags.get("run_id"):
         raise ConfigError("--resume needs the id of the interrupted run: --run-id <id> (printed when it started).")
     dataset = load_dataset(pick("dataset"))
@@ -279,4 +284,4 @@ def prepare(flags: dict[str, Any], config: Optional[Path]) -> Job:
         check_positions_on_sample(tokenizer, texts, specs, batch_size)
     gpus = pick("gpus_per_worker", 0)
     return Job(model, model_kwargs, source, dataset, specs, cfg, lens, saver, batch_size, partition_size,
-               num_workers, gpus, pick("cpus_per_worker", 1), tag, pick("ray_address"))
+               num_workers, gpus, pick("cpus_per_worker", 1), tag, pick("ray_address"), shared)

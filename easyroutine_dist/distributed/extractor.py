@@ -35,19 +35,11 @@ from .partitions import PartitionSpec, plan_dataset
 from .records import read_all
 from .resume import check_committed_parts, check_same_settings, never_begun, read_fingerprints
 from .scheduler import ACTOR_ERRORS, schedule
-from .preflight import check_storage
+from .preflight import probe_storage
 from .result import DistributedRun
 from .worker import ExtractionWorker, check_same_model
 
 _LOG = logging.getLogger(__name__)
-
-
-def _probe_storage(saver: Any) -> None:
-    """Fail fast (StorageError) when the saver's storage cannot be reached, before any worker starts
-    (``preflight.check_storage``); a local base folder is then created."""
-    check_storage(saver)
-    if saver.store.is_local:
-        os.makedirs(saver.store.root, exist_ok=True)
 
 
 class DistributedExtractor:
@@ -67,6 +59,9 @@ class DistributedExtractor:
             may spill to disk) and the workers' creation arguments (docs/cluster.md, "Credentials").
         max_inflight_bytes: per worker, the most bytes of finished batches waiting for storage (default 512 MiB);
             a forward faster than its storage then waits (docs/design.md, "Streaming partitions").
+        shared_base_dir: declare that a saver's local ``base_dir`` is one filesystem every node mounts at the
+            same path; without it a local ``base_dir`` on a cluster of several nodes is refused before anything
+            is written (object storage needs nothing).
     Each call logs its events (:mod:`.events`: the run id and how to resume it before any model loads, each part,
     a summary); ``resume_command``: None, or a function of the run id giving the command that resumes it.
     """
@@ -75,7 +70,8 @@ class DistributedExtractor:
                  num_gpus_per_worker: float = 0, num_cpus_per_worker: float = 1,
                  model_kwargs: Optional[dict[str, Any]] = None, ray_address: Optional[str] = None,
                  max_in_flight_per_worker: int = 2, max_worker_restarts: int = 3, max_part_attempts: int = 4,
-                 ship_credentials: bool = False, max_inflight_bytes: Optional[int] = None) -> None:
+                 ship_credentials: bool = False, max_inflight_bytes: Optional[int] = None,
+                 shared_base_dir: bool = False) -> None:
         self.max_inflight_bytes = check_inflight_bytes(max_inflight_bytes)  # per worker: batches awaiting storage
         problems = []
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -89,7 +85,7 @@ class DistributedExtractor:
         if problems:
             raise ConfigError("DistributedExtractor: " + "; ".join(problems) + ".")
         check_model_kwargs(model_kwargs, bool(ship_credentials))
-        self.ship_credentials = bool(ship_credentials)
+        self.ship_credentials, self.shared_base_dir = bool(ship_credentials), bool(shared_base_dir)
         self.source: ModelSource = resolve_model_source(model_name, model_kwargs)  # no weights loaded
         self.num_workers = num_workers
         self.num_gpus_per_worker = float(num_gpus_per_worker)
@@ -329,7 +325,7 @@ class DistributedExtractor:
         }
         if statistics:  # absent otherwise: runs begun before statistics existed resume unchanged
             meta["statistics"] = True
-        _probe_storage(saver)
+        probe_storage(saver, self.shared_base_dir)
         run_id = run_id or _new_run_id()[0]  # allocated and logged before any model loads: resumable from here on
         events = RunEvents("extract", run_id, saver.experiment_name, saver.store.url(saver.store.root), resume,
                            self.resume_command)
@@ -428,7 +424,7 @@ class DistributedExtractor:
         directions = lens["token_directions"]
         if directions is not None and len(directions) != n_rows:
             raise ConfigError(f"token_directions has {len(directions)} entries for the run's {n_rows} rows.")
-        _probe_storage(saver)
+        probe_storage(saver, self.shared_base_dir)
         run_id = run_id or _new_run_id()[0]  # allocated and logged before any model loads: resumable from here on
         events = RunEvents("logit_lens", run_id, saver.experiment_name, saver.store.url(saver.store.root), resume,
                            self.resume_command)

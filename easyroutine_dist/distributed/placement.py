@@ -46,4 +46,27 @@ def check_shared_run_dir(store: Any, run: Any, wait_s: float | None = None) -> N
         "(NFS, Lustre, a cloud file share) or object storage (s3://...); this worker wrote nothing.")
 
 
-__all__ = ["SHARED_WAIT_S", "check_shared_run_dir"]
+def alive_nodes() -> int:
+    """Alive nodes of the Ray cluster this process is connected to (1 when Ray is not initialised)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
+
+
+def check_local_base_dir(store: Any, shared: bool) -> None:
+    """Before anything is written: raise ConfigError when ``store`` is a local folder and the cluster has several
+    alive nodes, unless the user declared the folder ``shared`` (each node would otherwise keep its own workers'
+    shards, and the driver would never see them). Object stores pass."""
+    if not store.is_local or shared:
+        return
+    nodes = alive_nodes()
+    if nodes > 1:
+        raise ConfigError(
+            f"base_dir {store.root!r} is a local folder and the Ray cluster has {nodes} nodes: each node's workers "
+            "would write their shards on that node's own disk. Use object storage (s3://...), or, if this path is "
+            "one filesystem every node mounts (NFS, Lustre, a cloud file share), pass "
+            "DistributedExtractor(..., shared_base_dir=True) (CLI: --shared-base-dir; job YAML: shared_base_dir: true). "
+            "Nothing was written.")
+
+
+__all__ = ["SHARED_WAIT_S", "alive_nodes", "check_local_base_dir", "check_shared_run_dir"]

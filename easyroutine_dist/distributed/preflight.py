@@ -13,6 +13,18 @@ from ..errors import PositionError, StorageError
 from ..tokenization import load_tokenizer, tokenize_batches  # the one home of tokenisation (re-exported here)
 
 
+def probe_storage(saver: Any, shared: bool = False) -> None:
+    """Before any worker starts: ConfigError when the saver's storage is a local folder on a cluster of several
+    nodes not declared ``shared`` (:func:`.placement.check_local_base_dir`), StorageError when it cannot be
+    reached (:func:`check_storage`); a local base folder is then created."""
+    from .placement import check_local_base_dir
+
+    check_local_base_dir(saver.store, shared)
+    check_storage(saver)
+    if saver.store.is_local:
+        os.makedirs(saver.store.root, exist_ok=True)
+
+
 def check_storage(saver: Any) -> None:
     """StorageError when ``saver``'s storage cannot be reached or (local disk) written; reads only.
 

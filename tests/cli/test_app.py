@@ -94,6 +94,7 @@ def test_missing_dataset_fails_fast_from_the_shell(tmp_path):
     (["extract", "--config", "{missing_yaml}"], "does not exist"),
     (["extract", "--config", "{bad_yaml}"], "is not valid YAML"),
     (["extract", "--dataset", "{data}", "--resume"], "--resume needs"),
+    (["extract", "--dataset", "{data}", "--config", "{shared_yaml}"], "shared_base_dir='yes' must be true or false"),
     (["query", "--base-dir", "{tmp}", "--custom", "[1, 2]"], "is a JSON list"),
     (["query", "--base-dir", "{tmp}", "--custom", "notjson"], "is not JSON"),
     (["query", "--base-dir", "{tmp}/nothing-here"], "does not exist"),
@@ -104,8 +105,9 @@ def test_refused_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, expec
     (tmp_path / "p.txt").write_text("hello world\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{oops\n')
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "shared.yaml").write_text('shared_base_dir: "yes"\n')
     files = {"data": tmp_path / "p.txt", "bad_json": tmp_path / "bad.jsonl", "missing_yaml": tmp_path / "no.yaml",
-             "bad_yaml": tmp_path / "bad.yaml", "tmp": tmp_path}
+             "bad_yaml": tmp_path / "bad.yaml", "shared_yaml": tmp_path / "shared.yaml", "tmp": tmp_path}
     before = sorted(tmp_path.rglob("*"))
     result = invoke(*[a.format(**files) for a in args])
     assert result.exit_code == 2, (result.output, result.exception)

@@ -83,3 +83,26 @@ def test_worker_on_a_node_without_the_folder_writes_nothing(model_dir, texts, tm
     job["storage"]["base_dir"] = str(tmp_path / "driver")
     assert worker.extract_part(job, part)["skipped"] is False
     assert (tmp_path / "driver" / run.rel / "records").is_dir()
+
+
+def test_a_local_base_dir_on_several_nodes_is_refused_before_anything_is_written(extractor, tmp_path, monkeypatch):
+    """Issue 10 item 5: a local base_dir with a cluster of several alive nodes is refused up front (nothing written,
+    no worker asked) unless the user declares it shared; object storage and one-node clusters pass."""
+    from easyroutine_dist.config import ExtractionConfig
+    from easyroutine_dist.interpretability.activation_saver import ActivationSaver
+
+    monkeypatch.setattr(placement, "alive_nodes", lambda: 2)  # Ray's view of a two-node cluster
+    saver = ActivationSaver(tmp_path / "local", "exp")
+    with pytest.raises(ConfigError) as err:
+        extractor.extract(["a b c"], ["last"], ExtractionConfig(extract_resid_out=True), saver)
+    msg = str(err.value)
+    for needle in ("2 nodes", "s3://", "shared_base_dir=True", "--shared-base-dir", "Nothing was written",
+                   str(tmp_path / "local")):
+        assert needle in msg, needle
+    assert not (tmp_path / "local").exists() or _files(tmp_path / "local") == []
+
+    placement.check_local_base_dir(saver.store, shared=True)  # declared shared: allowed
+    placement.check_local_base_dir(RunWriter("memory://placement-nodes").store, shared=False)  # object storage
+    monkeypatch.setattr(placement, "alive_nodes", lambda: 1)
+    placement.check_local_base_dir(saver.store, shared=False)  # one node: nothing to share
+
