@@ -298,7 +298,8 @@ def _job_view(job: Any) -> dict[str, Any]:
                                   if k.startswith(("extract_", "save_logits")) and v},
             "logit_lens": None if job.lens is None else {k: job.lens[k] for k in ("target_key", "top_k")},
             "base_dir": Path(job.saver.store.root).name, "experiment": job.saver.experiment_name, "tag": job.tag,
-            "ray_address": job.ray_address, "shared_base_dir": job.shared_base_dir}
+            "ray_address": job.ray_address, "shared_base_dir": job.shared_base_dir,
+            "max_inflight_bytes": job.max_inflight_bytes if job.max_inflight_bytes is not None else 512 * 2**20}
 
 
 @pytest.mark.slow
@@ -312,7 +313,8 @@ def test_every_key_and_flag_through_the_loader(tmp_path, monkeypatch):
                 "cpus_per_worker": 2, "dataset": {"path": "a.txt"}, "batch_size": 2, "partition_size": 4,
                 "target_token_positions": ["first"], "extraction_config": {"extract_attn_out": True},
                 "logit_lens": {"target_key": "attn_out_{i}", "top_k": 3}, "base_dir": str(tmp_path / "base-a"),
-                "experiment": "exp-a", "tag": "tag-a", "ray_address": "10.0.0.1:6379", "shared_base_dir": False}
+                "experiment": "exp-a", "tag": "tag-a", "ray_address": "10.0.0.1:6379", "shared_base_dir": False,
+                "max_inflight_bytes": 64 * 2**20}
     from easyroutine_dist.cli.jobs import JOB_KEYS
 
     assert set(job_yaml) == JOB_KEYS  # every key is exercised
@@ -326,13 +328,14 @@ def test_every_key_and_flag_through_the_loader(tmp_path, monkeypatch):
              "logit_lens": ["--logit-lens", "mlp_out_{i}", "--top-k", "2"],
              "base_dir": ["--base-dir", str(tmp_path / "base-b")], "experiment": ["--experiment", "exp-b"],
              "tag": ["--tag", "tag-b"], "ray_address": ["--ray-address", "auto"],
-             "shared_base_dir": ["--shared-base-dir"]}
+             "shared_base_dir": ["--shared-base-dir"], "max_inflight_bytes": ["--max-inflight-bytes", "1048576"]}
     by_flag = {"model": model_b, "model_kwargs": {"dtype": "float32"}, "num_workers": 5, "gpus_per_worker": 0,
                "cpus_per_worker": 4, "dataset": ["one two three four", "five six seven", "nine ten eleven"],
                "batch_size": 3, "partition_size": 6, "target_token_positions": ["last", (1, 3)],
                "extraction_config": {"extract_attn_out": True, "extract_mlp_out": True, "save_logits": True},
                "logit_lens": {"target_key": "mlp_out_{i}", "top_k": 2}, "base_dir": "base-b",
-               "experiment": "exp-b", "tag": "tag-b", "ray_address": "auto", "shared_base_dir": True}
+               "experiment": "exp-b", "tag": "tag-b", "ray_address": "auto", "shared_base_dir": True,
+               "max_inflight_bytes": 2**20}
     by_yaml = {**job_yaml, "dataset": ["alpha beta gamma", "delta epsilon"], "base_dir": "base-a",
                "extraction_config": {"extract_attn_out": True, "save_logits": True}}
 

@@ -45,6 +45,9 @@ def extract(
     resume: bool = typer.Option(False, help="Recompute only the partitions of --run-id without a commit record."),
     ray_address: Optional[str] = typer.Option(
         None, help="'auto' to join a running cluster. Default: the job's, else a local cluster."),
+    max_inflight_bytes: Optional[int] = typer.Option(
+        None, help="Per worker, the most bytes of finished batches waiting for storage; a faster forward then waits. "
+                   "Default: the job's, else 536870912 (512 MiB)."),
     shared_base_dir: bool = typer.Option(
         False, help="The local base_dir is one filesystem every node mounts (NFS...); without it a local base_dir "
                     "on a cluster of several nodes is refused. Default: the job's, else off."),
@@ -67,7 +70,8 @@ def extract(
              "batch_size": batch_size,
              "partition_size": partition_size, "target_token_positions": positions, "extract": extract_,
              "logit_lens": logit_lens, "top_k": top_k, "tag": tag, "run_id": run_id, "resume": resume,
-             "ray_address": ray_address, "shared_base_dir": shared_base_dir or None}
+             "ray_address": ray_address, "shared_base_dir": shared_base_dir or None,
+             "max_inflight_bytes": max_inflight_bytes}
     job = prepare(flags, config)
     if dry_run:
         _print_plan(job, as_json)
@@ -78,7 +82,8 @@ def extract(
 
     extractor = DistributedExtractor(job.model, num_workers=job.num_workers, num_gpus_per_worker=job.gpus_per_worker,
                                      num_cpus_per_worker=job.cpus_per_worker, model_kwargs=job.model_kwargs,
-                                     ray_address=job.ray_address, shared_base_dir=job.shared_base_dir)
+                                     ray_address=job.ray_address, shared_base_dir=job.shared_base_dir,
+                                     max_inflight_bytes=job.max_inflight_bytes)
     extractor.resume_command = resume_command  # logged with the run id before the workers load the model
     try:
         handle = extractor.extract(job.dataset, job.positions, job.config, job.saver, batch_size=job.batch_size,
@@ -96,7 +101,7 @@ def _print_plan(job: Any, as_json: bool) -> None:
     plan = plan_extraction(job.source, job.dataset, job.positions, job.config, job.saver,
                            num_workers=job.num_workers, num_gpus_per_worker=job.gpus_per_worker,
                            batch_size=job.batch_size, partition_size=job.partition_size, logit_lens=job.lens,
-                           tag=job.tag)
+                           tag=job.tag, max_inflight_bytes=job.max_inflight_bytes)
     if as_json:  # stdout: the one JSON object; stderr: the calibration's progress bars, then one line
         err_console().print("dry run: nothing was started or written", markup=False)
         typer.echo(json.dumps(plan.to_dict()))

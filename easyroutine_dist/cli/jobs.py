@@ -18,7 +18,7 @@ from ..errors import ConfigError
 
 JOB_KEYS = {"model", "model_kwargs", "num_workers", "gpus_per_worker", "cpus_per_worker", "dataset", "batch_size",
             "partition_size", "target_token_positions", "extraction_config", "logit_lens", "base_dir", "experiment",
-            "tag", "ray_address", "shared_base_dir"}
+            "tag", "ray_address", "shared_base_dir", "max_inflight_bytes"}
 DATASET_KEYS = {"path", "name", "split", "text_column"}
 _DATASET_HELP = ("give a .txt file (one prompt per line), a .json/.jsonl file of objects with a text field, a "
                  "save_to_disk folder or a Hugging Face dataset name")
@@ -222,6 +222,7 @@ class Job:
     tag: Optional[str]
     ray_address: Optional[str]
     shared_base_dir: bool = False  # a local base_dir that every node of the cluster mounts
+    max_inflight_bytes: Optional[int] = None  # per worker, batches waiting for storage (None: 512 MiB)
 
 
 def _int(value: Any, what: str, low: int = 1) -> int:
@@ -255,6 +256,10 @@ def prepare(flags: dict[str, Any], config: Optional[Path]) -> Job:
     if not isinstance(shared, bool):
         raise ConfigError(f"shared_base_dir={shared!r} must be true or false (true: the local base_dir is one "
                           "filesystem every node mounts).")
+    from ..storage.streaming import check_inflight_bytes
+
+    inflight = pick("max_inflight_bytes")
+    inflight = None if inflight is None else check_inflight_bytes(inflight)
     if flags.get("resume") and not flags.get("run_id"):
         raise ConfigError("--resume needs the id of the interrupted run: --run-id <id> (printed when it started).")
     dataset = load_dataset(pick("dataset"))
@@ -284,4 +289,4 @@ def prepare(flags: dict[str, Any], config: Optional[Path]) -> Job:
         check_positions_on_sample(tokenizer, texts, specs, batch_size)
     gpus = pick("gpus_per_worker", 0)
     return Job(model, model_kwargs, source, dataset, specs, cfg, lens, saver, batch_size, partition_size,
-               num_workers, gpus, pick("cpus_per_worker", 1), tag, pick("ray_address"), shared)
+               num_workers, gpus, pick("cpus_per_worker", 1), tag, pick("ray_address"), shared, inflight)

@@ -95,6 +95,7 @@ def test_missing_dataset_fails_fast_from_the_shell(tmp_path):
     (["extract", "--config", "{bad_yaml}"], "is not valid YAML"),
     (["extract", "--dataset", "{data}", "--resume"], "--resume needs"),
     (["extract", "--dataset", "{data}", "--config", "{shared_yaml}"], "shared_base_dir='yes' must be true or false"),
+    (["extract", "--dataset", "{data}", "--max-inflight-bytes", "0"], "max_inflight_bytes=0 must be an int >= 1"),
     (["query", "--base-dir", "{tmp}", "--custom", "[1, 2]"], "is a JSON list"),
     (["query", "--base-dir", "{tmp}", "--custom", "notjson"], "is not JSON"),
     (["query", "--base-dir", "{tmp}/nothing-here"], "does not exist"),

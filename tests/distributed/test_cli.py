@@ -253,6 +253,10 @@ def test_dry_run_json_starts_no_ray(model_dir, prompts_txt, tmp_path):
                        "--dry-run"))
     assert "bytes on storage:" in text and "estimated wall time:" in text and "assumes:" in text
     assert not (tmp_path / "runs").exists()
+    small = _invoke(*args, "--max-inflight-bytes", "1")  # the budget reaches the plan's memory estimate
+    assert small.exit_code == 0, small.output
+    small_plan = json.loads(small.stdout)
+    assert small_plan["peak_host_bytes"] < plan["peak_host_bytes"]
 
 
 # ---------------------------------------------------------------------------------------- logit-lens
