@@ -14,6 +14,7 @@ from easyroutine_dist.positions import resolve_positions
 
 from .models import VOCAB, hooked, tiny_model
 from .oracle import check_rows, pad, spec_name, spec_positions
+from .test_positions import make_mask
 
 SPECS = ["last", "first", "last-2", 1, -2, "all", (0, -1), (1, None), (None, 2), (-3, None)]
 MIN_REAL = 3  # every spec above selects at least one real token in rows this long
@@ -50,12 +51,7 @@ def test_positions_are_the_real_tokens_in_order(bits, specs):
 def test_masks_without_holes_resolve_as_before(side):
     lengths = [5, 3, 7, 4]
     width = 8
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for r, n in enumerate(lengths):
-        if side == "left":
-            mask[r, width - n:] = 1
-        else:
-            mask[r, :n] = 1
+    mask = make_mask(lengths, side, extra=width - max(lengths))
     res = resolve_positions(SPECS, mask)
     for r, n in enumerate(lengths):
         start = width - n if side == "left" else 0
