@@ -73,7 +73,8 @@ def load_row(store: Any, entry: dict[str, Any], row: int,
         if row < offset + rows:
             keys = select(list(rec["keys"]))
             wanted = keys + [k for k in (*MASK_KEYS, "input_ids") if k in rec["keys"] and k not in keys]
-            tensors: dict[str, Any] = read_part_shards(store, f"{rdir}/shards", rec["shards"], wanted)
+            tensors: dict[str, Any] = read_part_shards(store, f"{rdir}/shards", rec["shards"], wanted,
+                                                       rec.get("rows"))
             ordered = {k: tensors[k] for k in rec["keys"] if k in tensors}
             return ActivationCache.from_flat(ordered, rec["info"]), row - offset, list(rec["keys"])
         offset += rows

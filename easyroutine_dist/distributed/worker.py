@@ -212,7 +212,8 @@ class ExtractionWorker:
         lens_cfg = job.logit_lens
         keys = needed_keys(lens_cfg, list(record["keys"]))
         masks = [k for k in (VALID_KEY,) if k in record["keys"]]  # which slots are real travels with the lens
-        tensors = read_part_shards(src_writer.store, f"{source.run_dir}/shards", record["shards"], keys + masks)
+        tensors = read_part_shards(src_writer.store, f"{source.run_dir}/shards", record["shards"], keys + masks,
+                                   record.get("rows"))
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise StorageError(f"part {part_id} of run {source.run_id} lacks {missing}; it cannot be lensed.")

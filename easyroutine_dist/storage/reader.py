@@ -396,7 +396,7 @@ class RunDataset(IterableDataset):
     def _load(self, store: Store, i: int, a: int, b: int) -> dict[str, torch.Tensor]:
         part = self.parts[i]
         wanted = list(self.keys) + [k for k in MASK_KEYS if k not in self.keys]
-        tensors = read_part_shards(store, f"{self.rdir}/shards", part.shards, wanted)  # streamed parts: rows joined
+        tensors = read_part_shards(store, f"{self.rdir}/shards", part.shards, wanted, part.rows)  # rows joined
         tensors = {k: v[a:b] for k, v in tensors.items()}
         first_row = part.start + a
         if self.unit == "tokens":

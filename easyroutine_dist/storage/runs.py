@@ -410,7 +410,7 @@ def _read_part(store: Store, rdir: str, manifest: dict[str, Any], i: int, entry:
             raise StorageError(f"run {entry['run_id']} has no keys {unknown}; it has {rec['keys']}.")
     # a partial load keeps the validity masks: which slots are real is part of every positional key
     wanted = None if keys is None else list(keys) + [k for k in MASK_KEYS if k in rec["keys"] and k not in keys]
-    tensors = read_part_shards(store, f"{rdir}/shards", rec["shards"], wanted)  # streamed parts: rows joined
+    tensors = read_part_shards(store, f"{rdir}/shards", rec["shards"], wanted, rec.get("rows"))  # rows joined
     ordered = {k: tensors[k] for k in rec["keys"] if k in tensors}
     return ActivationCache.from_flat(ordered, rec["info"])
 

@@ -317,31 +317,34 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
 
 
 def read_part_shards(store: Store, shard_dir: str, shards: list[dict[str, Any]],
-                     keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+                     keys: Iterable[str] | None = None, rows: int | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one part from its shard records (all keys, or only ``keys``), each shard verified.
 
     Shards without ``"rows"`` hold whole keys (a part written at once: its keys split over shards). Shards with
     ``"rows": [a, b]`` (a streamed part) hold rows ``a..b`` of their keys; their row ranges must tile ``0..rows``
-    with no gap nor overlap, and every such key is concatenated on dim 0 in row order. ``[rows, ...]`` per key.
+    with no gap nor overlap (and end at ``rows``, the part record's row count, when given), and every such key is
+    concatenated on dim 0 in row order. ``[rows, ...]`` per key.
     """
     wanted = None if keys is None else list(keys)
     out: dict[str, torch.Tensor] = {}
     spans: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for sh in shards:
         got = read_shard(store, f"{shard_dir}/{sh['file']}", sh, wanted)
-        rows = sh.get("rows")
-        if rows is None:
+        span = sh.get("rows")
+        if span is None:
             out.update(got)
         else:
-            spans.setdefault((int(rows[0]), int(rows[1])), {}).update(got)
+            spans.setdefault((int(span[0]), int(span[1])), {}).update(got)
     if not spans:
         return out
     order = sorted(spans)
     names = {k for s in order for k in spans[s]}
     where = f"{store.url(shard_dir)} ({shards[0].get('file')}...)"
-    if order[0][0] != 0 or any(a[1] != b[0] for a, b in zip(order, order[1:])):
+    if order[0][0] != 0 or any(a[1] != b[0] for a, b in zip(order, order[1:])) or \
+            (rows is not None and order[-1][1] != int(rows)):
+        expected = "" if rows is None else f" to row {int(rows)} (the part's record)"
         raise CorruptShardError(f"the streamed shards of part {where} cover rows {order}, not one contiguous range "
-                                "from row 0; the run is damaged, re-save it.")
+                                f"from row 0{expected}; the run is damaged, re-save it.")
     for (a, b), got in spans.items():
         bad = [k for k in names if k not in got or got[k].dim() == 0 or got[k].shape[0] != b - a]
         if bad:

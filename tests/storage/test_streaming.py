@@ -131,3 +131,25 @@ def test_keys_must_match_and_budget_is_checked(tmp_path):
     for bad in (0, -1, 1.5, True, "1G"):
         with pytest.raises(ConfigError, match="max_inflight_bytes"):
             check_inflight_bytes(bad)
+
+
+def test_row_ranges_must_reach_the_records_row_count(tmp_path):
+    """A record whose streamed shards stop short of its rows (a lost last range) is refused, not read as fewer
+    rows: every reader passes the record's row count."""
+    writer = RunWriter(str(tmp_path))
+    run = writer.begin_run(EXP, MODEL, {})
+    stream = _stream(writer, run, max_inflight_bytes=4)
+    for i in range(3):
+        stream.put(_batch(i))
+    rec = stream.finish({})
+    sdir = writer.store.path(run.rel, "shards")
+    rows = sum(int(_batch(i)["x"].shape[0]) for i in range(3))  # counted from the batches handed over
+    assert read_part_shards(writer.store, sdir, rec["shards"], ["x"], rows)["x"].shape[0] == rows
+    with pytest.raises(CorruptShardError, match=f"to row {rows}"):
+        read_part_shards(writer.store, sdir, rec["shards"][:2], ["x"], rows)
+    writer.commit_part(run, dict(rec, shards=rec["shards"][:2]))  # a damaged record: its last range is gone
+    writer.commit_run(run, verify=False)
+    from easyroutine_dist.interpretability.activation_saver import ActivationLoader
+
+    with pytest.raises(CorruptShardError, match=f"to row {rows}"):
+        ActivationLoader(str(tmp_path), EXP).query().load()
