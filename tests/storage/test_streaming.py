@@ -70,24 +70,24 @@ def test_backpressure_bounds_the_bytes_in_flight(tmp_path, monkeypatch):
     assert torch.equal(cache["ids"], torch.cat([b["ids"] for b in want]))
 
 
-def test_one_batch_bigger_than_the_budget_goes_alone(tmp_path):
+def _three_batches(tmp_path, budget: int):
+    """A part of three batches streamed with ``max_inflight_bytes=budget``: (writer, run, stream, its record)."""
     writer = RunWriter(str(tmp_path))
     run = writer.begin_run(EXP, MODEL, {})
-    stream = _stream(writer, run, max_inflight_bytes=10)
+    stream = _stream(writer, run, max_inflight_bytes=budget)
     for i in range(3):
         stream.put(_batch(i))
-    rec = stream.finish({})
+    return writer, run, stream, stream.finish({})
+
+
+def test_one_batch_bigger_than_the_budget_goes_alone(tmp_path):
+    writer, run, stream, rec = _three_batches(tmp_path, 10)
     assert [sh["rows"] for sh in rec["shards"]] == [[0, 4], [4, 8], [8, 12]] and rec["rows"] == 12
     assert stream.peak_inflight == sum(t.numel() * t.element_size() for t in _batch(0).values())
 
 
 def test_row_ranges_must_tile_the_part(tmp_path):
-    writer = RunWriter(str(tmp_path))
-    run = writer.begin_run(EXP, MODEL, {})
-    stream = _stream(writer, run, max_inflight_bytes=4)  # a tiny budget: no batch is joined with another
-    for i in range(3):
-        stream.put(_batch(i))
-    rec = stream.finish({})
+    writer, run, stream, rec = _three_batches(tmp_path, 4)  # a tiny budget: no batch is joined with another
     sdir = writer.store.path(run.rel, "shards")
     got = read_part_shards(writer.store, sdir, rec["shards"], ["x"])
     assert list(got) == ["x"] and torch.equal(got["x"], torch.cat([_batch(i)["x"] for i in range(3)]))
@@ -136,12 +136,7 @@ def test_keys_must_match_and_budget_is_checked(tmp_path):
 def test_row_ranges_must_reach_the_records_row_count(tmp_path):
     """A record whose streamed shards stop short of its rows (a lost last range) is refused, not read as fewer
     rows: every reader passes the record's row count."""
-    writer = RunWriter(str(tmp_path))
-    run = writer.begin_run(EXP, MODEL, {})
-    stream = _stream(writer, run, max_inflight_bytes=4)
-    for i in range(3):
-        stream.put(_batch(i))
-    rec = stream.finish({})
+    writer, run, stream, rec = _three_batches(tmp_path, 4)
     sdir = writer.store.path(run.rel, "shards")
     rows = sum(int(_batch(i)["x"].shape[0]) for i in range(3))  # counted from the batches handed over
     assert read_part_shards(writer.store, sdir, rec["shards"], ["x"], rows)["x"].shape[0] == rows
