@@ -1,5 +1,9 @@
 """One small exception hierarchy. Messages name the thing, the rule it broke, and the fix."""
 
+from __future__ import annotations
+
+from typing import Iterable
+
 
 class EasyRoutineError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -35,3 +39,12 @@ class DistributedError(EasyRoutineError):
 
 class UnsafeArchiveError(StorageError):
     """A file to import needs more than the allowlisted classes to unpickle (or is malformed); it was not loaded."""
+
+
+def refuse_unknown(given: Iterable[str], allowed: Iterable[str], what: str, noun: str = "keys") -> None:
+    """Raise ConfigError naming the names of ``given`` (a mapping's keys) that ``allowed`` lacks, and the allowed
+    ones; nothing when every name is known."""
+    allowed = set(allowed)
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise ConfigError(f"{what} has unknown {noun} {unknown}; allowed: {sorted(allowed)}.")

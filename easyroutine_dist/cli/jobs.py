@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_unknown
 
 JOB_KEYS = {"model", "model_kwargs", "num_workers", "gpus_per_worker", "cpus_per_worker", "dataset", "batch_size",
             "partition_size", "target_token_positions", "extraction_config", "logit_lens", "base_dir", "experiment",
@@ -44,9 +44,7 @@ def load_job(path: Optional[Path]) -> dict[str, Any]:
     if not isinstance(job, dict):
         raise ConfigError(f"job config {str(path)!r} must be a mapping of keys {sorted(JOB_KEYS)}, got a "
                           f"{type(job).__name__}.")
-    unknown = sorted(set(job) - JOB_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}; allowed keys: {sorted(JOB_KEYS)}.")
+    refuse_unknown(job, JOB_KEYS, f"job config {str(path)!r}")
     return job
 
 
@@ -56,9 +54,7 @@ def _dataset_spec(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ConfigError(f"dataset must be a path or a mapping with keys {sorted(DATASET_KEYS)}, got "
                           f"{type(spec).__name__}.")
-    unknown = sorted(set(spec) - DATASET_KEYS)
-    if unknown:
-        raise ConfigError(f"dataset has unknown keys {unknown}; allowed: {sorted(DATASET_KEYS)}.")
+    refuse_unknown(spec, DATASET_KEYS, "dataset")
     if not spec.get("path"):
         raise ConfigError(f"dataset needs a path: {_DATASET_HELP}.")
     return spec

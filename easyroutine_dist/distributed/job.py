@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, TypeVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_unknown
 from ..storage.runs import RunHandle
 
 _J = TypeVar("_J")
@@ -29,9 +29,7 @@ def _from_dict(cls: type[_J], d: Any, what: str, convert: dict[str, Any]) -> _J:
     if not isinstance(d, dict):
         raise ConfigError(f"{what} must be a {cls.__name__} or a dict of its fields, got {type(d).__name__}.")
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{what}: unknown field(s) {unknown}; a {cls.__name__} has {sorted(known)}.")
+    refuse_unknown(d, known, f"{what} ({cls.__name__})", "field(s)")
     kw = {k: (convert[k](v) if k in convert and v is not None else v) for k, v in d.items()}
     try:
         return cls(**kw)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, refuse_unknown
 
 _ALLOWED = {"target_key", "top_k", "apply_norm", "apply_softmax", "token_directions", "metric", "norm_stats",
             "keep_activations"}
@@ -37,9 +37,7 @@ def check_lens_config(cfg: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]
     if not isinstance(cfg, dict):
         raise ConfigError(f"logit_lens must be a dict like {{'target_key': 'resid_out_{{i}}', 'top_k': 5}}, "
                           f"got {type(cfg).__name__}.")
-    unknown = sorted(set(cfg) - _ALLOWED)
-    if unknown:
-        raise ConfigError(f"logit_lens has unknown option(s) {unknown}; allowed: {sorted(_ALLOWED)}.")
+    refuse_unknown(cfg, _ALLOWED, "logit_lens", "option(s)")
     out = {"top_k": 5, "apply_norm": True, "apply_softmax": False, "token_directions": None,
            "metric": "logit_diff", "norm_stats": "own", "keep_activations": True, **cfg}
     problems = []

@@ -35,6 +35,17 @@ QUERIES = ({"tag": "x"}, {"tag": "y", "model_name": "a"}, {"custom_keys": {"k": 
            {"custom_keys": {"k": "1"}, "tag": None})
 
 
+def _archive(tmp_path, seed: int, per_experiment: int):
+    """A local catalog of random entries in experiments e1, e2, e3: (its store, the entries added)."""
+    rng = random.Random(seed)
+    store = resolve(str(tmp_path / "acts"))
+    cat = Catalog(store)
+    entries = [_entry(rng, exp) for exp in ("e1", "e2", "e3") for _ in range(per_experiment)]
+    for e in entries:
+        cat.add(e)
+    return store, entries
+
+
 def test_note_takes_a_run_without_reading_and_queries_see_it(tmp_path, monkeypatch):
     rng = random.Random(1)
     store = resolve(str(tmp_path / "acts"))
@@ -58,12 +69,7 @@ def test_note_takes_a_run_without_reading_and_queries_see_it(tmp_path, monkeypat
 
 
 def test_select_equals_brute_force_over_all_experiments(tmp_path):
-    rng = random.Random(2)
-    store = resolve(str(tmp_path / "acts"))
-    cat = Catalog(store)
-    entries = [_entry(rng, exp) for exp in ("e1", "e2", "e3") for _ in range(30)]
-    for e in entries:
-        cat.add(e)
+    store, entries = _archive(tmp_path, seed=2, per_experiment=30)
     fresh = Catalog(store)
     for scope in ("e2", None):
         for kw in QUERIES:
@@ -74,12 +80,7 @@ def test_select_equals_brute_force_over_all_experiments(tmp_path):
 
 
 def test_find_run_reads_one_entry_not_the_archive(tmp_path, monkeypatch):
-    rng = random.Random(3)
-    store = resolve(str(tmp_path / "acts"))
-    writer = Catalog(store)
-    entries = [_entry(rng, exp) for exp in ("e1", "e2", "e3") for _ in range(40)]
-    for e in entries:
-        writer.add(e)
+    store, entries = _archive(tmp_path, seed=3, per_experiment=40)
     target = entries[57]
     counter = _Counter(monkeypatch)
     assert Catalog(store).find_run(target["run_id"]) == [target]
