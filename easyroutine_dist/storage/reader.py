@@ -175,15 +175,22 @@ class _Batcher:
         if self._held() > 4 * (self.capacity + self.batch_size):
             self._compact()
 
-    def _gather(self, cid: torch.Tensor, loc: torch.Tensor, batch: bool = True) -> dict[str, torch.Tensor]:
-        """The samples ``(cid, loc)`` (sorted by chunk), each copied once into new contiguous tensors (for a
-        ``batch``: shared memory in a DataLoader worker)."""
+    @staticmethod
+    def _grouped(cid: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Samples ``(cid, loc)`` (``[n]`` each, n >= 1) sorted by chunk, then by index: their ``loc`` in that order
+        and ``[(chunk, samples)]``, so that each part and key is gathered by one ``index_select``."""
+        order = torch.argsort(cid * (int(loc.max()) + 1) + loc)
+        ids, counts = torch.unique_consecutive(cid[order], return_counts=True)
+        return loc[order], list(zip(ids.tolist(), counts.tolist()))
+
+    def _gather(self, loc: torch.Tensor, groups: list[tuple[int, int]], batch: bool = True) -> dict[str, torch.Tensor]:
+        """The samples of :meth:`_grouped`, each copied once into new contiguous tensors (for a ``batch``: shared
+        memory in a DataLoader worker)."""
         keys = next(iter(self.chunks.values()))[0]
         new = _batch_tensor if batch else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-        out = {k: new((len(cid), *src.shape[1:]), src.dtype) for k, (src, _) in keys.items()}
-        chunk_ids, counts = torch.unique_consecutive(cid, return_counts=True)
+        out = {k: new((len(loc), *src.shape[1:]), src.dtype) for k, (src, _) in keys.items()}
         a = 0
-        for c, cnt in zip(chunk_ids.tolist(), counts.tolist()):
+        for c, cnt in groups:
             cols, _ = self.chunks[c]
             rows_local = loc[a:a + cnt]
             for k, (src, idx) in cols.items():
@@ -193,9 +200,7 @@ class _Batcher:
         return out
 
     def _compact(self) -> None:
-        order = torch.argsort(self.cid * (int(self.loc.max()) + 1 if self.n else 1) + self.loc)
-        cid, loc = self.cid[order], self.loc[order]
-        merged = self._gather(cid, loc, batch=False)
+        merged = self._gather(*self._grouped(self.cid, self.loc), batch=False)
         c, self.next_id = self.next_id, self.next_id + 1
         self.chunks = {c: ({k: (v, None) for k, v in merged.items()}, self.n)}
         self.left = {c: self.n}
@@ -206,10 +211,8 @@ class _Batcher:
         """``count`` samples drawn at random from the pool, removed from it."""
         n = self.n
         idx = torch.randperm(n, generator=self.gen)[:count]
-        cid, loc = self.cid[idx], self.loc[idx]
-        order = torch.argsort(cid * (int(loc.max()) + 1) + loc)  # grouped by chunk: one gather per part and key
-        cid, loc = cid[order], loc[order]
-        batch = self._gather(cid, loc)
+        loc, groups = self._grouped(self.cid[idx], self.loc[idx])
+        batch = self._gather(loc, groups)
         end = n - count  # the drawn samples' places are refilled from the tail samples that stay
         taken = torch.zeros(n, dtype=torch.bool)
         taken[idx] = True
@@ -217,8 +220,7 @@ class _Batcher:
         tail = torch.arange(end, n)[~taken[end:]]
         self.cid[holes], self.loc[holes] = self.cid[tail], self.loc[tail]
         self.cid, self.loc = self.cid[:end], self.loc[:end]
-        chunk_ids, counts = torch.unique_consecutive(cid, return_counts=True)
-        for c, cnt in zip(chunk_ids.tolist(), counts.tolist()):
+        for c, cnt in groups:
             self.left[c] -= cnt
             if not self.left[c]:  # its last sample is out: the part's tensors are released
                 del self.left[c], self.chunks[c]
