@@ -16,7 +16,7 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
 
 Memory per reader: about ``prefetch + 1`` parts' requested tensors plus the parts the shuffle pool still draws from
 (at most ``4 x (shuffle_buffer + batch_size)`` rows or slots of them, then the stragglers are compacted), whatever
-the run's size.
+the run's size; in a DataLoader worker, also up to ``handover.SLOTS`` (6) batches of shared memory kept for reuse.
 Call ``set_epoch(n)`` before each epoch: the epoch lives in shared memory, so the DataLoader's workers see it,
 persistent ones included (``persistent_workers=True`` also keeps each worker's S3 client). The same
 ``(seed, epoch, world_size, num_workers)`` gives the same batches.
@@ -38,6 +38,7 @@ from ..errors import ConfigError, StorageError
 from ..slots import LAYOUT_KEY, MASK_KEYS, POS, VALID_KEY, SlotLayout, relayout
 from ..statistics import sample_mask
 from .fs import Store, resolve
+from .batching import Batcher, Gather
 from .runs import read_marker, run_dir
 from .shards import read_part_shards
 from .stats import ordered_map, stored_statistics
@@ -106,156 +107,6 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
-@dataclass
-class _Gather:
-    """``src.index_select(0, idx)``, done only where its rows land (the shuffle buffer): one copy, not two."""
-
-    src: torch.Tensor
-    idx: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.idx.shape[0])
-
-    def materialise(self) -> torch.Tensor:
-        return self.src.index_select(0, self.idx)
-
-
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a batch. In a DataLoader worker it is allocated in shared memory (as torch's
-    ``default_collate`` does), so handing it to the main process does not copy it once more."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-
-
-def _n(d: dict[str, Any]) -> int:
-    return len(next(iter(d.values())))
-
-
-def _real(v: Any) -> torch.Tensor:
-    return v.materialise() if isinstance(v, _Gather) else v
-
-
-class _Batcher:
-    """Batches of ``batch_size`` samples. Without a generator: in arrival order. With one: a shuffle pool of about
-    ``capacity`` pending samples that *refers* to the parts they came from (nothing is copied into a buffer); each
-    batch is ``batch_size`` samples drawn uniformly without replacement from the pool, gathered straight from their
-    parts into the batch, so every sample is copied once. Within a batch, samples come grouped by part (the batch's
-    contents are the random draw; its order does not matter to a loss averaged over the batch). A part is released
-    when its last pending sample is drawn; if stragglers hold more than ``4 x`` the pool's worth of part rows, the
-    pending samples are compacted into one chunk (one more copy of those samples only)."""
-
-    def __init__(self, batch_size: int, capacity: int, generator: Optional[torch.Generator]) -> None:
-        self.batch_size, self.capacity, self.gen = batch_size, capacity, generator
-        self.chunks: dict[int, tuple[dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]], int]] = {}
-        self.left: dict[int, int] = {}  # chunk -> pending samples
-        self.cid = torch.empty(0, dtype=torch.int64)  # pending sample -> its chunk
-        self.loc = torch.empty(0, dtype=torch.int64)  # pending sample -> its index in the chunk
-        self.next_id = 0
-        self.carry: list[dict[str, torch.Tensor]] = []  # in-order mode: samples not yet in a batch
-
-    @property
-    def n(self) -> int:
-        return int(self.cid.shape[0])
-
-    def _held(self) -> int:
-        return sum(size for _, size in self.chunks.values())
-
-    def _append(self, samples: dict[str, Any]) -> None:
-        m = _n(samples)
-        cols = {k: (v.src, v.idx) if isinstance(v, _Gather) else (v, None) for k, v in samples.items()}
-        c, self.next_id = self.next_id, self.next_id + 1
-        self.chunks[c], self.left[c] = (cols, m), m
-        self.cid = torch.cat([self.cid, torch.full((m,), c, dtype=torch.int64)])
-        self.loc = torch.cat([self.loc, torch.arange(m, dtype=torch.int64)])
-        if self._held() > 4 * (self.capacity + self.batch_size):
-            self._compact()
-
-    @staticmethod
-    def _grouped(cid: torch.Tensor, loc: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Samples ``(cid, loc)`` (``[n]`` each, n >= 1) sorted by chunk, then by index: their ``loc`` in that order
-        and ``[(chunk, samples)]``, so that each part and key is gathered by one ``index_select``."""
-        order = torch.argsort(cid * (int(loc.max()) + 1) + loc)
-        ids, counts = torch.unique_consecutive(cid[order], return_counts=True)
-        return loc[order], list(zip(ids.tolist(), counts.tolist()))
-
-    def _gather(self, loc: torch.Tensor, groups: list[tuple[int, int]], batch: bool = True) -> dict[str, torch.Tensor]:
-        """The samples of :meth:`_grouped`, each copied once into new contiguous tensors (for a ``batch``: shared
-        memory in a DataLoader worker)."""
-        keys = next(iter(self.chunks.values()))[0]
-        new = _batch_tensor if batch else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-        out = {k: new((len(loc), *src.shape[1:]), src.dtype) for k, (src, _) in keys.items()}
-        a = 0
-        for c, cnt in groups:
-            cols, _ = self.chunks[c]
-            rows_local = loc[a:a + cnt]
-            for k, (src, idx) in cols.items():
-                rows = rows_local if idx is None else idx.index_select(0, rows_local)
-                torch.index_select(src, 0, rows, out=out[k][a:a + cnt])
-            a += cnt
-        return out
-
-    def _compact(self) -> None:
-        merged = self._gather(*self._grouped(self.cid, self.loc), batch=False)
-        c, self.next_id = self.next_id, self.next_id + 1
-        self.chunks = {c: ({k: (v, None) for k, v in merged.items()}, self.n)}
-        self.left = {c: self.n}
-        self.cid = torch.full((self.n,), c, dtype=torch.int64)
-        self.loc = torch.arange(self.n, dtype=torch.int64)
-
-    def _take(self, count: int) -> dict[str, torch.Tensor]:
-        """``count`` samples drawn at random from the pool, removed from it."""
-        n = self.n
-        idx = torch.randperm(n, generator=self.gen)[:count]
-        loc, groups = self._grouped(self.cid[idx], self.loc[idx])
-        batch = self._gather(loc, groups)
-        end = n - count  # the drawn samples' places are refilled from the tail samples that stay
-        taken = torch.zeros(n, dtype=torch.bool)
-        taken[idx] = True
-        holes = idx[idx < end]
-        tail = torch.arange(end, n)[~taken[end:]]
-        self.cid[holes], self.loc[holes] = self.cid[tail], self.loc[tail]
-        self.cid, self.loc = self.cid[:end], self.loc[:end]
-        for c, cnt in groups:
-            self.left[c] -= cnt
-            if not self.left[c]:  # its last sample is out: the part's tensors are released
-                del self.left[c], self.chunks[c]
-        return batch
-
-    def _in_order(self, final: bool) -> Iterator[dict[str, torch.Tensor]]:
-        total = sum(_n(c) for c in self.carry)
-        if not total or (total < self.batch_size and not final):
-            return
-        joined = self.carry[0] if len(self.carry) == 1 else {k: torch.cat([c[k] for c in self.carry])
-                                                             for k in self.carry[0]}
-        full = total - total % self.batch_size if not final else total
-        for i in range(0, full, self.batch_size):
-            yield {k: v[i:min(i + self.batch_size, full)] for k, v in joined.items()}
-        self.carry = [{k: v[full:] for k, v in joined.items()}] if full < total else []
-
-    def add(self, samples: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-        if not _n(samples):
-            return
-        if self.gen is None:
-            self.carry.append({k: _real(v) for k, v in samples.items()})
-            yield from self._in_order(False)
-            return
-        self._append(samples)
-        while self.n >= self.capacity + self.batch_size:
-            yield self._take(self.batch_size)
-
-    def flush(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.gen is None:
-            yield from self._in_order(True)
-            return
-        while self.n:
-            yield self._take(min(self.batch_size, self.n))
-
-
 class RunDataset(IterableDataset):
     """Batches of one stored run, streamed part by part (local disk, S3, any fsspec store).
 
@@ -267,12 +118,16 @@ class RunDataset(IterableDataset):
     (``(x - mean) / std`` per feature, std 0 counted as 1) or ``"norm"`` (``x / norm_mean``: mean L2 norm 1), from
     the run's stored statistics (float32 out; padded slots stay 0). The run must have been saved with
     ``statistics=True`` for that. The split over ranks and workers is described in :mod:`.reader`.
+
+    In DataLoader workers, batches are built in shared memory that each worker reuses once the main process holds
+    no tensor (nor view) of the batch any more (:mod:`.handover`); a batch kept, even as a view, is never
+    overwritten. Clone a batch before sending it on to another process, or pass ``reuse_batch_memory=False``.
     """
 
     def __init__(self, store: Store, entry: dict[str, Any], keys: Optional[list[str]] = None, unit: str = "rows",
                  batch_size: int = 256, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, shuffle_buffer: int = 8192, prefetch: int = 2,
-                 normalize: Optional[str] = None) -> None:
+                 normalize: Optional[str] = None, reuse_batch_memory: bool = True) -> None:
         super().__init__()
         if unit not in UNITS:
             raise ConfigError(f"unit={unit!r} must be one of {list(UNITS)}.")
@@ -283,6 +138,7 @@ class RunDataset(IterableDataset):
         self.prefetch = _positive("prefetch", prefetch)
         self.rank, self.world_size = _default_rank(rank, world_size)
         self.unit, self.shuffle, self.seed = unit, bool(shuffle), int(seed)
+        self.reuse_batch_memory = bool(reuse_batch_memory)
         #: in shared memory: persistent DataLoader workers (forked or spawned) see set_epoch of the main process
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.store, self.run_id = store, entry.get("run_id")
@@ -398,7 +254,9 @@ class RunDataset(IterableDataset):
     def _load(self, store: Store, i: int, a: int, b: int) -> dict[str, torch.Tensor]:
         part = self.parts[i]
         wanted = list(self.keys) + [k for k in MASK_KEYS if k not in self.keys]
-        tensors = read_part_shards(store, f"{self.rdir}/shards", part.shards, wanted, part.rows)  # rows joined
+        # rows joined; without a copy of the fetched bytes unless unshuffled rows are yielded as views of them
+        tensors = read_part_shards(store, f"{self.rdir}/shards", part.shards, wanted, part.rows,
+                                   copy=self.unit == "rows" and not self.shuffle)
         tensors = {k: v[a:b] for k, v in tensors.items()}
         first_row = part.start + a
         if self.unit == "tokens":
@@ -427,7 +285,7 @@ class RunDataset(IterableDataset):
         out: dict[str, Any] = {}
         for k in self.keys:  # rows x slots flattened (a view), gathered later straight into the shuffle buffer
             t = tensors[k]
-            out[k] = _Gather(t.reshape(-1, *t.shape[2:]), flat) if self._axes(k) == (POS,) else _Gather(t, r)
+            out[k] = Gather(t.reshape(-1, *t.shape[2:]), flat) if self._axes(k) == (POS,) else Gather(t, r)
         out["row_index"] = r.to(torch.int64) + first_row
         out["slot"] = self._slot_map(part)[s]
         return out
@@ -442,10 +300,16 @@ class RunDataset(IterableDataset):
         return torch.tensor(out, dtype=torch.int64)
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Token batches are normalised here, once gathered (row batches are normalised per part, with padding)."""
+        """Token batches are normalised here, once gathered (row batches are normalised per part, with padding):
+        in place when float32 (the batch is this reader's own copy; in a worker its shared buffer stays in use)."""
         if self.unit == "tokens":
             for k in self.norm:
-                batch[k] = self._normalise(k, batch[k])
+                x = batch[k]
+                if x.dtype == torch.float32:
+                    shift, scale = self.norm[k]
+                    x.sub_(shift).div_(scale)
+                else:
+                    batch[k] = self._normalise(k, x)
         return batch
 
     def _normalise(self, key: str, x: torch.Tensor) -> torch.Tensor:
@@ -462,7 +326,8 @@ class RunDataset(IterableDataset):
         store = _process_store(self.store) if get_worker_info() is not None else self.store
         plan = self.assignment(g, readers)
         gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, g, readers)) if self.shuffle else None
-        batcher = _Batcher(self.batch_size, self.shuffle_buffer, gen)
+        batcher = Batcher(self.batch_size, self.shuffle_buffer, gen, shared=get_worker_info() is not None,
+                          reuse=self.reuse_batch_memory)
         pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="run-reader")
         pending: deque = deque()
         todo = iter(plan)

@@ -233,6 +233,16 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor],
     }
 
 
+def _alias(data: bytes) -> memoryview:
+    """``data``'s own memory as a writable byte view, without copying (it keeps ``data`` alive). Only for bytes
+    nothing else refers to and that are only read: it lets tensors view them and crc32c run without the GIL."""
+    if not data:
+        return memoryview(bytearray())
+    arr = (ctypes.c_char * len(data)).from_address(ctypes.cast(data, ctypes.c_void_p).value)
+    arr._owner = data  # type: ignore[attr-defined]
+    return memoryview(arr).cast("B")
+
+
 def _parse_header(raw: bytes, where: str) -> tuple[int, dict[str, Any]]:
     if len(raw) < 8:
         raise CorruptShardError(f"shard {where} is truncated ({len(raw)} bytes); delete the run or re-save it.")
@@ -260,9 +270,11 @@ def _tensor_from(buf: bytearray | memoryview, start: int, spec: dict[str, Any], 
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=start + b).reshape(shape)
 
 
-def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[str] | None = None,
+               copy: bool = True) -> dict[str, torch.Tensor]:
     """Read a shard (all tensors, or only ``keys`` by byte ranges), checking the bytes read against the digests in
-    ``record`` (its ``checksum`` algorithm; sha256 when the record has none).
+    ``record`` (its ``checksum`` algorithm; sha256 when the record has none). ``copy=False``: a whole-shard read
+    returns views of the fetched bytes themselves (one copy of the shard less), for callers that only read them.
 
     Raises CorruptShardError naming the shard when bytes do not match what was recorded at save time.
     """
@@ -273,7 +285,8 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
     if not wanted:
         return {}
     if len(wanted) == len(record["tensors"]):
-        data = bytearray(read_bytes(store, path))
+        fetched = read_bytes(store, path)
+        data = bytearray(fetched) if copy else _alias(fetched)
         hb = record["header_bytes"]
         bad = len(data) != record["bytes"]
         if not bad:
@@ -317,19 +330,20 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
 
 
 def read_part_shards(store: Store, shard_dir: str, shards: list[dict[str, Any]],
-                     keys: Iterable[str] | None = None, rows: int | None = None) -> dict[str, torch.Tensor]:
+                     keys: Iterable[str] | None = None, rows: int | None = None,
+                     copy: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of one part from its shard records (all keys, or only ``keys``), each shard verified.
 
     Shards without ``"rows"`` hold whole keys (a part written at once: its keys split over shards). Shards with
     ``"rows": [a, b]`` (a streamed part) hold rows ``a..b`` of their keys; their row ranges must tile ``0..rows``
     with no gap nor overlap (and end at ``rows``, the part record's row count, when given), and every such key is
-    concatenated on dim 0 in row order. ``[rows, ...]`` per key.
+    concatenated on dim 0 in row order. ``[rows, ...]`` per key. ``copy``: as :func:`read_shard`.
     """
     wanted = None if keys is None else list(keys)
     out: dict[str, torch.Tensor] = {}
     spans: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for sh in shards:
-        got = read_shard(store, f"{shard_dir}/{sh['file']}", sh, wanted)
+        got = read_shard(store, f"{shard_dir}/{sh['file']}", sh, wanted, copy)
         span = sh.get("rows")
         if span is None:
             out.update(got)

@@ -88,6 +88,33 @@ def test_a_corrupted_byte_is_caught(backend, algo, where):
             assert torch.equal(data[k], _tensors()[k])
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_reads_without_a_copy_match_safetensors_and_still_catch_corruption(backend, algo):
+    """``read_shard(copy=False)`` (the streaming reader's path: tensors view the fetched bytes) gives what
+    safetensors itself reads from the same file, and a flipped bit is still caught."""
+    from safetensors.torch import load as st_load
+
+    from easyroutine_dist.storage.shards import read_shard
+
+    saver = backend.saver(checksum=algo)
+    saver.save(_tensors(), "m", ["last"], None, ExtractionConfig())
+    (rec_path,) = _files(saver, ".json")
+    (record,) = json.loads(saver.store.fs.cat_file(rec_path))["shards"]
+    (shard,) = _files(saver, ".safetensors")
+    blob = saver.store.fs.cat_file(shard)
+    expected = st_load(blob)
+    got = read_shard(saver.store, shard, record, copy=False)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    damaged = bytearray(blob)
+    lo, hi = _tensor_span(blob, "a")
+    damaged[(lo + hi) // 2] ^= 0x01
+    saver.store.fs.pipe_file(shard, bytes(damaged))
+    with pytest.raises(CorruptShardError, match=shard.rsplit("/", 1)[-1]):
+        read_shard(saver.store, shard, record, copy=False)
+
+
 def _strip_algorithm(saver) -> None:
     """Rewrite the run's part records as runs saved before the algorithm was recorded: no ``checksum`` field."""
     for path in _files(saver, ".json"):
@@ -133,3 +160,21 @@ def test_unknown_checksum_refused_before_writing(local_backend, tmp_path):
     with pytest.raises(StorageError, match="crc32c"):
         local_backend.saver(checksum="md5")
     assert not (tmp_path / "acts").exists()
+
+
+def test_a_view_of_fetched_bytes_keeps_them_alive():
+    """The bytes a no-copy read views stay alive exactly as long as a tensor views them."""
+    import gc
+    import sys
+
+    from easyroutine_dist.storage.shards import _alias
+
+    data = bytes(range(256)) * 64
+    base = sys.getrefcount(data)
+    t = torch.frombuffer(_alias(data), dtype=torch.uint8)
+    gc.collect()
+    assert sys.getrefcount(data) == base + 1  # held through the tensor only
+    assert torch.equal(t[:256], torch.arange(256, dtype=torch.uint8))
+    del t
+    gc.collect()
+    assert sys.getrefcount(data) == base

@@ -179,6 +179,49 @@ def test_forked_workers_read_whole_shards_after_the_parent_used_the_hash_pool(lo
     assert torch.equal(out, x)
 
 
+def test_batches_dropped_as_read_stay_right_while_worker_memory_is_reused(stored):
+    """The way a trainer reads: each batch checked against the loaded run when it arrives, then dropped, so the
+    workers hand their shared buffers out again (storage/handover.py); the normalised key is normalised in place."""
+    from easyroutine_dist.storage import handover
+
+    q, cache = stored
+    vm = cache["valid_mask"]
+    consts = {}  # expected constants per key, with plain torch over the real slots
+    for k in KEYS:
+        x = cache[k][vm].double()
+        std = x.var(0, correction=0).sqrt()
+        consts[k] = (x.mean(0), torch.where(std > 0, std, torch.ones_like(std)))
+    before = set(handover._BOARDS)
+    ds = q.torch_dataset(unit="tokens", keys=KEYS, batch_size=4, shuffle_buffer=8, normalize="mean_std")
+    pairs = []
+    for b in DataLoader(ds, batch_size=None, num_workers=2):
+        r, s = b["row_index"], b["slot"]
+        for k, (mean, std) in consts.items():
+            want = (cache[k][r, s].double() - mean) / std
+            torch.testing.assert_close(b[k].double(), want, rtol=1e-4, atol=1e-4)
+        pairs.extend(zip(r.tolist(), s.tolist()))
+    assert sorted(pairs) == sorted(map(tuple, vm.nonzero().tolist()))  # every real slot once
+    boards = [handover._BOARDS[t] for t in set(handover._BOARDS) - before]
+    assert len(boards) == 2 and max(int(bd.max()) for bd in boards) > 1  # buffers were handed out again
+
+
+def test_shuffle_draws_are_uniform_over_the_pool():
+    """A batch is a uniform draw from everything pending: each sample of two unequal parts has the same chance
+    (batch / pool) to be in the first batch, whichever part it came from (checked over 4,000 seeds)."""
+    from easyroutine_dist.storage.batching import Batcher
+
+    sizes, batch, trials = (30, 10), 8, 4000
+    hits = torch.zeros(sum(sizes))
+    for seed in range(trials):
+        pool = Batcher(batch, sum(sizes) - batch, torch.Generator().manual_seed(seed))
+        out = []
+        for p, n in enumerate(sizes):
+            out.extend(pool.add({"id": torch.arange(sum(sizes[:p]), sum(sizes[:p]) + n)}))
+        hits[out[0]["id"]] += 1
+    expected = trials * batch / sum(sizes)  # 800; binomial sd ~25
+    assert (hits - expected).abs().max() < 5 * (expected * (1 - batch / sum(sizes))) ** 0.5
+
+
 def test_set_epoch_reaches_persistent_workers(stored):
     q, cache = stored
     kw = dict(unit="tokens", keys=["resid_out_1"], batch_size=8, shuffle_buffer=32)
@@ -200,7 +243,7 @@ def test_set_epoch_reaches_persistent_workers(stored):
 def test_shuffle_pool_draws_each_sample_once_and_holds_bounded_memory():
     """The shuffle pool refers to parts instead of copying them: every sample comes out exactly once with its own
     values, and parts whose stragglers linger are compacted, so the rows held stay within the documented bound."""
-    from easyroutine_dist.storage.reader import _Batcher, _Gather
+    from easyroutine_dist.storage.batching import Batcher as _Batcher, Gather as _Gather
 
     batch, capacity, part_rows = 16, 64, 40
     pool = _Batcher(batch, capacity, torch.Generator().manual_seed(3))
