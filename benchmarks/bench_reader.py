@@ -2,9 +2,10 @@
 workers vs raw concurrent object reads of the same shard bytes (same number of requests in flight), on the local
 S3 endpoint (moto server in its own process) and on local disk.
 
-Run: PYTHONPATH=. python benchmarks/bench_reader.py [--quick] [--no-s3]. Prints a markdown table
-(copied into docs/performance.md). The reader runs two epochs on persistent workers: the first includes starting
-the workers and their S3 clients, the second is the steady state (the ratio the target is about).
+Run: PYTHONPATH=. python benchmarks/bench_reader.py [--quick] [--no-s3] [--no-local] [--workers 0,1] [--reps N].
+Prints a markdown table (copied into docs/performance.md). The reader runs three epochs on persistent workers: the
+first includes starting the workers and their S3 clients; the median of the other two is the steady state (the
+ratio the target is about).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import atexit
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -80,14 +82,15 @@ def raw_seconds(q, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def reader_seconds(q, workers: int, batch_size: int = 4096) -> tuple[float, float, int]:
-    """Two epochs of ``torch_dataset(unit="tokens")`` through one DataLoader with persistent workers: seconds of the
-    first (worker start-up and S3 clients included) and of the second (steady state), and the tokens per epoch."""
+def reader_seconds(q, workers: int, batch_size: int = 4096, epochs: int = 3) -> tuple[float, float, int]:
+    """``epochs`` epochs of ``torch_dataset(unit="tokens")`` through one DataLoader with persistent workers: seconds
+    of the first (worker start-up and S3 clients included) and the median of the others (steady state), and the
+    tokens per epoch."""
     ds = q.torch_dataset(keys=["resid"], unit="tokens", batch_size=batch_size, shuffle=True,
                          shuffle_buffer=4 * batch_size, prefetch=PREFETCH)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     out = []
-    for epoch in (0, 1):
+    for epoch in range(epochs):
         ds.set_epoch(epoch)
         t = time.perf_counter()
         n = 0
@@ -95,11 +98,11 @@ def reader_seconds(q, workers: int, batch_size: int = 4096) -> tuple[float, floa
             n += int(b["resid"].shape[0])
         out.append(time.perf_counter() - t)
     del loader
-    return out[0], out[1], n
+    return out[0], statistics.median(out[1:]), n
 
 
-def bench(label: str, q, tokens: int, nbytes: int, reps: int) -> None:
-    for workers in (0, 1, 2, 4):  # 0: read in this process (no worker processes, no IPC)
+def bench(label: str, q, tokens: int, nbytes: int, reps: int, counts: tuple[int, ...]) -> None:
+    for workers in counts:  # 0: read in this process (no worker processes, no IPC)
         raw, cold, warm = [], [], []
         for _ in range(reps):  # alternate so that load changes hit both sides alike
             raw.append(raw_seconds(q, max(1, workers) * PREFETCH))
@@ -116,24 +119,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--no-local", action="store_true")
+    ap.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts, comma-separated")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (median); default 3, 1 with --quick")
     args = ap.parse_args()
-    parts, rows, slots, d = (6, 256, 16, 256) if args.quick else (12, 512, 16, 256)
-    reps = 1 if args.quick else 3
+    counts = tuple(int(x) for x in args.workers.split(","))
+    parts, rows, slots, d = (6, 256, 16, 256) if args.quick else (48, 512, 16, 256)
+    reps = args.reps or (1 if args.quick else 3)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus, "
           f"load average at start: {_load()}")
     print(f"run: {parts} parts x {rows} rows x {slots} slots x d={d} float32 (~25% padded slots), "
           f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads\n")
-    print("| storage | DataLoader workers | MiB | raw tokens/s | reader, 1st epoch (ratio) | reader, 2nd epoch "
+    print("| storage | DataLoader workers | MiB | raw tokens/s | reader, 1st epoch (ratio) | reader, epochs 2-3 "
           "| ratio |\n|---|---|---|---|---|---|---|")
-    q, tokens, nbytes = make_run(_scratch("bench-reader-"), None, parts, rows, slots, d)
-    bench("local disk (page cache)", q, tokens, nbytes, reps)
+    if not args.no_local:
+        q, tokens, nbytes = make_run(_scratch("bench-reader-"), None, parts, rows, slots, d)
+        bench("local disk (page cache)", q, tokens, nbytes, reps, counts)
     if args.no_s3:
         return
     from _s3 import s3_endpoint
 
     with s3_endpoint("bench-bucket") as opts:
         q, tokens, nbytes = make_run("s3://bench-bucket/acts", opts, parts, rows, slots, d)
-        bench("S3 (moto server process)", q, tokens, nbytes, reps)
+        bench("S3 (moto server process)", q, tokens, nbytes, reps, counts)
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ __all__ = ["Handover", "new_batch", "sweep"]
 
 class Handover(dict):
     """A batch (``{key: tensor}``) whose tensors are views of one pooled shared buffer. Pickles as that buffer plus
-    its layout while its values are still those views; otherwise (a collate function or the caller replaced
-    some) as a plain dict of tensors, and its buffer is then never reused."""
+    its layout the first time, while its values are still those views; otherwise (a collate function or the caller
+    replaced some, or it is pickled again) as a plain dict of tensors, and its buffer is then never reused."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], pool: Optional["_Pool"] = None, slot: int = -1,
                  gen: int = 0, storage: Optional[torch.UntypedStorage] = None) -> None:
@@ -60,15 +60,20 @@ class Handover(dict):
             all(self[k] is v for k, v in self._views.items())
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        if not self._intact():
+        if not self._intact() or (self._slot, self._gen) in self._pool.sent:
+            if self._pool is not None:  # views of the buffer may travel untracked: never hand it out again
+                self._pool.poisoned.add((self._slot, self._gen))
             return dict, (dict(self),)
+        self._pool.sent.add((self._slot, self._gen))
         layout = [(k, v.dtype, tuple(v.shape), v.storage_offset() * v.element_size()) for k, v in self.items()]
         board = None if self._pool.acknowledged else self._pool.board  # the main process has it already
         return _receive, (self._storage, layout, board, self._pool.token, self._slot, self._gen)
 
     def __copy__(self) -> "Handover":  # torch's default_convert / pin_memory copy a mapping before updating it
-        return Handover(dict(self), self._pool, self._slot, self._gen, self._storage) if self._intact() \
-            else Handover(dict(self))
+        clone = Handover.__new__(Handover)
+        dict.update(clone, self)
+        clone.__dict__.update(self.__dict__)  # the same buffer, views and pool: intact exactly when self is
+        return clone
 
     def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, torch.Tensor]:
         return copy.deepcopy(dict(self), memo)
@@ -82,6 +87,8 @@ class _Pool:
         self.token = f"{self.pid}-{uuid.uuid4().hex[:12]}"
         self.board = torch.full((SLOTS,), -1, dtype=torch.int64).share_memory_()
         self.acknowledged = False  # the main process has written on the board, so it holds it
+        self.sent: set[tuple[int, int]] = set()  # (slot, generation) pickled once with tracking
+        self.poisoned: set[tuple[int, int]] = set()  # (slot, generation) also sent untracked: never reused
         self.bufs: list[Optional[torch.UntypedStorage]] = [None] * SLOTS
         self.gen = [0] * SLOTS  # generation of each slot's latest hand-out
         self.out_at: list[Optional[int]] = [None] * SLOTS  # batch count at that hand-out; None: released
@@ -93,8 +100,9 @@ class _Pool:
         board = self.board.tolist()
         self.acknowledged = self.acknowledged or any(g >= 0 for g in board)
         for i in range(SLOTS):
-            if self.out_at[i] is not None and board[i] == self.gen[i]:
+            if self.out_at[i] is not None and board[i] == self.gen[i] and (i, self.gen[i]) not in self.poisoned:
                 self.out_at[i] = None
+                self.sent.discard((i, self.gen[i]))
         free = [i for i in range(SLOTS) if self.out_at[i] is None]
         fits = [i for i in free if self.bufs[i] is not None and self.bufs[i].nbytes() >= nbytes]
         stale = [i for i in range(SLOTS) if self.out_at[i] is not None and self.count - self.out_at[i] > STALE]
@@ -102,6 +110,8 @@ class _Pool:
             slot = min(fits, key=lambda i: self.bufs[i].nbytes())
         elif free or stale:
             slot = (free or stale)[0]
+            self.sent.discard((slot, self.gen[slot]))
+            self.poisoned.discard((slot, self.gen[slot]))
             self.bufs[slot] = None  # dropped here; whoever still maps it keeps it
             self.bufs[slot] = torch.UntypedStorage._new_shared(nbytes)
         else:

@@ -107,3 +107,29 @@ def test_new_batch_lays_keys_out_aligned(shared, monkeypatch):
     for k, v in out.items():
         v.fill_(values[k])
     assert all(bool((out[k] == values[k]).all()) for k in out)  # the views do not overlap
+
+
+def test_a_batch_pickled_twice_is_never_handed_out_again(monkeypatch):
+    """The second pickling of a batch sends untracked views of its buffer; the buffer must then stay out of the
+    pool even when the first copy is released."""
+    import pickle
+
+    from multiprocessing.reduction import ForkingPickler
+
+    monkeypatch.setattr(handover, "_POOL", None)
+    b = new_batch({"x": ((8,), torch.float32)}, shared=True)
+    first = ForkingPickler.dumps(b)
+    assert handover._POOL.sent == {(b._slot, b._gen)}
+    again = pickle.loads(ForkingPickler.dumps(copy_of(b)))  # untracked copy
+    assert (b._slot, b._gen) in handover._POOL.poisoned
+    handover._POOL.board[b._slot] = b._gen  # the tracked copy released
+    for _ in range(handover.SLOTS + 2):
+        nb = new_batch({"x": ((8,), torch.float32)}, shared=True)
+        assert not (isinstance(nb, Handover) and nb._slot == b._slot and nb._gen > b._gen)
+    assert again["x"].shape == (8,) and first
+
+
+def copy_of(b):
+    import copy
+
+    return copy.copy(b)
