@@ -10,13 +10,15 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
    each keeps its own rows, so nothing is dropped or padded, every row goes to exactly one reader, and readers
    differ by at most one row (with ``unit="tokens"``, by the real slots of their rows). Readers beyond ``N`` get
    nothing.
-3. A reader loads its parts ``prefetch`` ahead on a small thread pool (only the requested keys, by byte ranges, each
-   checksummed), pushes their rows or real token slots through a shuffle buffer of ``shuffle_buffer`` samples
-   (seeded from ``(seed, epoch, g)``) and yields batches of ``batch_size`` (the reader's last batch may be smaller).
+3. A reader loads its parts ``prefetch`` at a time on a small thread pool, one more queued (only the requested
+   keys, by byte ranges, each checksummed), pushes their rows or real token slots through a shuffle buffer of
+   ``shuffle_buffer`` samples (seeded from ``(seed, epoch, g)``) and yields batches of ``batch_size`` (the reader's
+   last batch may be smaller).
 
-Memory per reader: about ``prefetch + 1`` parts' requested tensors plus the parts the shuffle pool still draws from
-(at most ``4 x (shuffle_buffer + batch_size)`` rows or slots of them, then the stragglers are compacted), whatever
-the run's size; in a DataLoader worker, also up to ``handover.SLOTS`` (6) batches of shared memory kept for reuse.
+Memory per reader: about ``prefetch + 2`` parts' requested tensors (``prefetch`` being read, one read and waiting,
+one being batched) plus the parts the shuffle pool still draws from (at most ``4 x (shuffle_buffer + batch_size)``
+rows or slots of them, then the stragglers are compacted), whatever the run's size; in a DataLoader worker, also up
+to ``handover.SLOTS`` (6) batches of shared memory kept for reuse.
 Call ``set_epoch(n)`` before each epoch: the epoch lives in shared memory, so the DataLoader's workers see it,
 persistent ones included (``persistent_workers=True`` also keeps each worker's S3 client). The same
 ``(seed, epoch, world_size, num_workers)`` gives the same batches.
@@ -332,9 +334,11 @@ class RunDataset(IterableDataset):
         pending: deque = deque()
         todo = iter(plan)
         try:
-            for item in todo:  # at most `prefetch` parts read ahead of the one being batched
+            # `prefetch` parts being read, and one more queued: a reading thread that finishes before the part
+            # ahead of it starts the next read at once instead of waiting for the batching to take that part
+            for item in todo:
                 pending.append(pool.submit(self._load, store, *item))
-                if len(pending) >= self.prefetch:
+                if len(pending) > self.prefetch:
                     break
             while pending:
                 samples = pending.popleft().result()
