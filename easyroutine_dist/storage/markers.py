@@ -32,7 +32,8 @@ def read_manifest(store: Store, run_dir: str) -> dict[str, Any]:
                            f"of easyroutine_dist reads {list(READABLE_SCHEMA_VERSIONS)} (upgrade it).")
     listed = manifest.get("parts") if version >= 2 else manifest.get("records")
     if not isinstance(listed, list) or not isinstance(manifest.get("metadata"), dict):
-        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has no metadata or part list; the run is damaged.")
+        raise StorageError(f"run marker {store.url(run_dir)}/_SUCCESS has no metadata or part list; the run is "
+                           "damaged.")
     if version >= 2:
         try:
             for p in listed:

@@ -40,8 +40,8 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 Stats = dict[str, tuple[str, Moments]]
 
-__all__ = ["add_part_statistics", "write_part_statistics", "read_part_statistics", "write_run_statistics", "read_run_statistics",
-           "run_statistics", "RUN_JSON", "RUN_FILE"]
+__all__ = ["add_part_statistics", "write_part_statistics", "read_part_statistics", "write_run_statistics",
+           "read_run_statistics", "run_statistics", "RUN_JSON", "RUN_FILE"]
 
 
 def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], window: int = READ_WINDOW) -> Iterator[_R]:
