@@ -10,13 +10,13 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
    each keeps its own rows, so nothing is dropped or padded, every row goes to exactly one reader, and readers
    differ by at most one row (with ``unit="tokens"``, by the real slots of their rows). Readers beyond ``N`` get
    nothing.
-3. A reader loads its parts ``prefetch`` at a time on a small thread pool, one more queued (only the requested
-   keys, by byte ranges, each checksummed), pushes their rows or real token slots through a shuffle buffer of
+3. A reader loads ``prefetch + 1`` parts at a time on a small thread pool, with at most ``prefetch`` requests in
+   flight (only the requested keys, by byte ranges, each checksummed), pushes their rows or real token slots through a shuffle buffer of
    ``shuffle_buffer`` samples (seeded from ``(seed, epoch, g)``) and yields batches of ``batch_size`` (the reader's
    last batch may be smaller).
 
-Memory per reader: about ``prefetch + 2`` parts' requested tensors (``prefetch`` being read, one read and waiting,
-one being batched) plus the parts the shuffle pool still draws from (at most ``4 x (shuffle_buffer + batch_size)``
+Memory per reader: about ``prefetch + 2`` parts' requested tensors (``prefetch + 1`` being read or waiting, one
+being batched) plus the parts the shuffle pool still draws from (at most ``4 x (shuffle_buffer + batch_size)``
 rows or slots of them, then the stragglers are compacted), whatever the run's size; in a DataLoader worker, also up
 to ``handover.SLOTS`` (6) batches of shared memory kept for reuse.
 Call ``set_epoch(n)`` before each epoch: the epoch lives in shared memory, so the DataLoader's workers see it,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -253,12 +254,13 @@ class RunDataset(IterableDataset):
         return out
 
     # ------------------------------------------------------------------ reading (in the DataLoader worker)
-    def _load(self, store: Store, i: int, a: int, b: int) -> dict[str, torch.Tensor]:
+    def _load(self, store: Store, i: int, a: int, b: int, gate: Any = None) -> dict[str, torch.Tensor]:
+        """Rows ``a..b`` of part ``i`` as samples (``gate``: held around each request)."""
         part = self.parts[i]
         wanted = list(self.keys) + [k for k in MASK_KEYS if k not in self.keys]
         # rows joined; without a copy of the fetched bytes unless unshuffled rows are yielded as views of them
         tensors = read_part_shards(store, f"{self.rdir}/shards", part.shards, wanted, part.rows,
-                                   copy=self.unit == "rows" and not self.shuffle)
+                                   copy=self.unit == "rows" and not self.shuffle, gate=gate)
         tensors = {k: v[a:b] for k, v in tensors.items()}
         first_row = part.start + a
         if self.unit == "tokens":
@@ -330,21 +332,22 @@ class RunDataset(IterableDataset):
         gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, g, readers)) if self.shuffle else None
         batcher = Batcher(self.batch_size, self.shuffle_buffer, gen, shared=get_worker_info() is not None,
                           reuse=self.reuse_batch_memory)
-        pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="run-reader")
+        # prefetch + 1 parts under way, at most `prefetch` requests in flight (the gate): a thread checking a part
+        # it fetched, or done before the part ahead of it is taken, does not hold back the next request
+        pool = ThreadPoolExecutor(self.prefetch + 1, thread_name_prefix="run-reader")
+        gate = threading.BoundedSemaphore(self.prefetch)
         pending: deque = deque()
         todo = iter(plan)
         try:
-            # `prefetch` parts being read, and one more queued: a reading thread that finishes before the part
-            # ahead of it starts the next read at once instead of waiting for the batching to take that part
             for item in todo:
-                pending.append(pool.submit(self._load, store, *item))
+                pending.append(pool.submit(self._load, store, *item, gate))
                 if len(pending) > self.prefetch:
                     break
             while pending:
                 samples = pending.popleft().result()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.append(pool.submit(self._load, store, *nxt))
+                    pending.append(pool.submit(self._load, store, *nxt, gate))
                 for batch in batcher.add(samples):
                     yield self._finish(batch)
             for batch in batcher.flush():

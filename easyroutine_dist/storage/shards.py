@@ -15,7 +15,8 @@ import os
 import struct
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Iterable
 
 import google_crc32c
 
@@ -271,10 +272,11 @@ def _tensor_from(buf: bytearray | memoryview, start: int, spec: dict[str, Any], 
 
 
 def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[str] | None = None,
-               copy: bool = True) -> dict[str, torch.Tensor]:
+               copy: bool = True, gate: ContextManager[Any] | None = None) -> dict[str, torch.Tensor]:
     """Read a shard (all tensors, or only ``keys`` by byte ranges), checking the bytes read against the digests in
     ``record`` (its ``checksum`` algorithm; sha256 when the record has none). ``copy=False``: a whole-shard read
     returns views of the fetched bytes themselves (one copy of the shard less), for callers that only read them.
+    ``gate``: held around each request only (a semaphore bounds requests in flight, not the checks after them).
 
     Raises CorruptShardError naming the shard when bytes do not match what was recorded at save time.
     """
@@ -285,7 +287,8 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
     if not wanted:
         return {}
     if len(wanted) == len(record["tensors"]):
-        fetched = read_bytes(store, path)
+        with gate or nullcontext():
+            fetched = read_bytes(store, path)
         data = bytearray(fetched) if copy else _alias(fetched)
         hb = record["header_bytes"]
         bad = len(data) != record["bytes"]
@@ -305,7 +308,8 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
         start, header = _parse_header(bytes(data[:hb]), where)
         return {k: _tensor_from(data, start, header[k], k, where) for k in wanted}
     # partial: the header, then one ranged read per run of adjacent wanted tensors
-    head = read_bytes(store, path, 0, record["header_bytes"])
+    with gate or nullcontext():
+        head = read_bytes(store, path, 0, record["header_bytes"])
     if digest(head) != record.get(f"header_{algo}"):
         raise CorruptShardError(f"shard {where}: header does not match its recorded {algo} (corrupted).")
     start, header = _parse_header(head, where)
@@ -319,7 +323,8 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
     out: dict[str, torch.Tensor] = {}
     for g in groups:
         lo, hi = g[0][0], g[-1][1]
-        buf = bytearray(read_bytes(store, path, start + lo, start + hi)) if hi > lo else bytearray()
+        with gate or nullcontext():
+            buf = bytearray(read_bytes(store, path, start + lo, start + hi)) if hi > lo else bytearray()
         if len(buf) != hi - lo:
             raise CorruptShardError(f"shard {where} is truncated: range [{start + lo}, {start + hi}) is short.")
         for b, e, k in g:
@@ -330,20 +335,20 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
 
 
 def read_part_shards(store: Store, shard_dir: str, shards: list[dict[str, Any]],
-                     keys: Iterable[str] | None = None, rows: int | None = None,
-                     copy: bool = True) -> dict[str, torch.Tensor]:
+                     keys: Iterable[str] | None = None, rows: int | None = None, copy: bool = True,
+                     gate: ContextManager[Any] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one part from its shard records (all keys, or only ``keys``), each shard verified.
 
     Shards without ``"rows"`` hold whole keys (a part written at once: its keys split over shards). Shards with
     ``"rows": [a, b]`` (a streamed part) hold rows ``a..b`` of their keys; their row ranges must tile ``0..rows``
     with no gap nor overlap (and end at ``rows``, the part record's row count, when given), and every such key is
-    concatenated on dim 0 in row order. ``[rows, ...]`` per key. ``copy``: as :func:`read_shard`.
+    concatenated on dim 0 in row order. ``[rows, ...]`` per key. ``copy``, ``gate``: as :func:`read_shard`.
     """
     wanted = None if keys is None else list(keys)
     out: dict[str, torch.Tensor] = {}
     spans: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for sh in shards:
-        got = read_shard(store, f"{shard_dir}/{sh['file']}", sh, wanted, copy)
+        got = read_shard(store, f"{shard_dir}/{sh['file']}", sh, wanted, copy, gate)
         span = sh.get("rows")
         if span is None:
             out.update(got)

@@ -132,9 +132,9 @@ def test_prefetch_is_bounded(stored, monkeypatch):
     started = []
     real = RunDataset._load
 
-    def counting(self, store, i, a, b):
+    def counting(self, store, i, a, b, *gate):
         started.append(i)
-        return real(self, store, i, a, b)
+        return real(self, store, i, a, b, *gate)
 
     monkeypatch.setattr(RunDataset, "_load", counting)
     ds = q.torch_dataset(keys=["resid_out_1"], batch_size=1, shuffle=False, prefetch=1)
