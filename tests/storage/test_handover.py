@@ -133,3 +133,13 @@ def copy_of(b):
     import copy
 
     return copy.copy(b)
+
+
+def test_spawned_workers_hand_over_and_reuse_too():
+    """Workers started with ``spawn`` (no state inherited from this process): the same protocol, the same values."""
+    seen = []
+    for b in DataLoader(Numbered(), batch_size=None, num_workers=1, multiprocessing_context="spawn", timeout=120):
+        i, slot, gen = b["tag"].tolist()
+        assert torch.equal(b["x"], torch.full((WIDTH,), float(i)))
+        seen.append((i, gen))
+    assert [i for i, _ in seen] == list(range(N)) and max(g for _, g in seen) > 2
