@@ -206,6 +206,25 @@ def test_batches_dropped_as_read_stay_right_while_worker_memory_is_reused(stored
     assert len(boards) == 2 and max(int(bd.max()) for bd in boards) > 1  # buffers were handed out again
 
 
+def test_an_epoch_left_early_does_not_spoil_the_next(stored):
+    """Persistent workers, an epoch abandoned after two batches (its batches in flight are dropped), then a whole
+    epoch: every real slot once, each with its own values, though the workers' buffers carried the dropped ones."""
+    q, cache = stored
+    ds = q.torch_dataset(unit="tokens", keys=KEYS, batch_size=4, shuffle_buffer=8)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    for n, b in enumerate(loader):
+        if n == 2:
+            break
+    ds.set_epoch(1)
+    pairs = []
+    for b in loader:
+        r, s = b["row_index"], b["slot"]
+        for k in KEYS:
+            assert torch.equal(b[k], cache[k][r, s]), k
+        pairs.extend(zip(r.tolist(), s.tolist()))
+    assert sorted(pairs) == sorted(map(tuple, cache["valid_mask"].nonzero().tolist()))
+
+
 def test_shuffle_draws_are_uniform_over_the_pool():
     """A batch is a uniform draw from everything pending: each sample of two unequal parts has the same chance
     (batch / pool) to be in the first batch, whichever part it came from (checked over 4,000 seeds)."""
