@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from ..cache import cat_rows
 from .handover import new_batch
 
 __all__ = ["Batcher", "Gather"]
@@ -124,7 +125,7 @@ class Batcher:
         total = sum(_n(c) for c in self.carry)
         if not total or (total < self.batch_size and not final):
             return
-        joined = self.carry[0] if len(self.carry) == 1 else {k: torch.cat([c[k] for c in self.carry])
+        joined = self.carry[0] if len(self.carry) == 1 else {k: cat_rows([c[k] for c in self.carry])
                                                              for k in self.carry[0]}
         full = total - total % self.batch_size if not final else total
         for i in range(0, full, self.batch_size):

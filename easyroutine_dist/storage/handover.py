@@ -28,6 +28,7 @@ process forwards to a third process and then drops may be reused while that proc
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 import uuid
@@ -112,7 +113,7 @@ class _Pool:
             slot = (free or stale)[0]
             self.sent.discard((slot, self.gen[slot]))
             self.poisoned.discard((slot, self.gen[slot]))
-            self.bufs[slot] = None  # dropped here; whoever still maps it keeps it
+            self.bufs[slot] = None  # the old buffer goes before the new one is made; whoever maps it keeps it
             self.bufs[slot] = torch.UntypedStorage._new_shared(nbytes)
         else:
             return -1, torch.UntypedStorage._new_shared(nbytes)
@@ -128,19 +129,15 @@ def _views(storage: torch.UntypedStorage, layout: list[tuple[str, torch.dtype, t
            ) -> dict[str, torch.Tensor]:
     out = {}
     for key, dtype, shape, offset in layout:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        out[key] = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape)
+        out[key] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
     return out
 
 
 def _layout(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[Any], int]:
     layout, pos = [], 0
     for key, (shape, dtype) in specs.items():
-        numel = 1
-        for n in shape:
-            numel *= n
         layout.append((key, dtype, tuple(shape), pos))
-        pos += -(-numel * torch.empty((), dtype=dtype).element_size() // _ALIGN) * _ALIGN
+        pos += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
     return layout, max(pos, _ALIGN)
 
 

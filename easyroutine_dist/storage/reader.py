@@ -11,9 +11,9 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
    differ by at most one row (with ``unit="tokens"``, by the real slots of their rows). Readers beyond ``N`` get
    nothing.
 3. A reader loads ``prefetch + 1`` parts at a time on a small thread pool, with at most ``prefetch`` requests in
-   flight (only the requested keys, by byte ranges, each checksummed), pushes their rows or real token slots through a shuffle buffer of
-   ``shuffle_buffer`` samples (seeded from ``(seed, epoch, g)``) and yields batches of ``batch_size`` (the reader's
-   last batch may be smaller).
+   flight (only the requested keys, by byte ranges, each checksummed), pushes their rows or real token slots
+   through a shuffle buffer of ``shuffle_buffer`` samples (seeded from ``(seed, epoch, g)``) and yields batches of
+   ``batch_size`` (the reader's last batch may be smaller).
 
 Memory per reader: about ``prefetch + 2`` parts' requested tensors (``prefetch + 1`` being read or waiting, one
 being batched) plus the parts the shuffle pool still draws from (at most ``4 x (shuffle_buffer + batch_size)``
@@ -308,16 +308,14 @@ class RunDataset(IterableDataset):
         in place when float32 (the batch is this reader's own copy; in a worker its shared buffer stays in use)."""
         if self.unit == "tokens":
             for k in self.norm:
-                x = batch[k]
-                if x.dtype == torch.float32:
-                    shift, scale = self.norm[k]
-                    x.sub_(shift).div_(scale)
-                else:
-                    batch[k] = self._normalise(k, x)
+                batch[k] = self._normalise(k, batch[k], in_place=True)
         return batch
 
-    def _normalise(self, key: str, x: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, key: str, x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """``(x - shift) / scale`` as float32; ``in_place``: into ``x`` itself when it is float32 already."""
         shift, scale = self.norm[key]
+        if in_place and x.dtype == torch.float32:
+            return x.sub_(shift).div_(scale)
         return (x.float() - shift) / scale
 
     def _reader(self) -> tuple[int, int]:

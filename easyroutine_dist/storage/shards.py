@@ -281,13 +281,14 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
     Raises CorruptShardError naming the shard when bytes do not match what was recorded at save time.
     """
     where = store.url(path)
+    gate = gate or nullcontext()
     algo = record_checksum(record)
     digest = _DIGEST[algo]
     wanted = list(record["tensors"]) if keys is None else [k for k in record["tensors"] if k in set(keys)]
     if not wanted:
         return {}
     if len(wanted) == len(record["tensors"]):
-        with gate or nullcontext():
+        with gate:
             fetched = read_bytes(store, path)
         data = bytearray(fetched) if copy else _alias(fetched)
         hb = record["header_bytes"]
@@ -308,7 +309,7 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
         start, header = _parse_header(bytes(data[:hb]), where)
         return {k: _tensor_from(data, start, header[k], k, where) for k in wanted}
     # partial: the header, then one ranged read per run of adjacent wanted tensors
-    with gate or nullcontext():
+    with gate:
         head = read_bytes(store, path, 0, record["header_bytes"])
     if digest(head) != record.get(f"header_{algo}"):
         raise CorruptShardError(f"shard {where}: header does not match its recorded {algo} (corrupted).")
@@ -323,7 +324,7 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
     out: dict[str, torch.Tensor] = {}
     for g in groups:
         lo, hi = g[0][0], g[-1][1]
-        with gate or nullcontext():
+        with gate:
             buf = bytearray(read_bytes(store, path, start + lo, start + hi)) if hi > lo else bytearray()
         if len(buf) != hi - lo:
             raise CorruptShardError(f"shard {where} is truncated: range [{start + lo}, {start + hi}) is short.")

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..cache import cat_rows
 from ..errors import ConfigError, StorageError
 from . import layout
 from .fs import remove
@@ -223,7 +224,7 @@ class PartStream:
                 self._cond.notify_all()
 
     def _write(self, a: int, b: int, chunks: list[dict[str, torch.Tensor]], info: dict[str, Any]) -> None:
-        tensors = chunks[0] if len(chunks) == 1 else {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        tensors = chunks[0] if len(chunks) == 1 else {k: cat_rows([c[k] for c in chunks]) for k in chunks[0]}
         for keys in plan_shards(tensors, self.max_shard_bytes):
             index = len(self.shards)
             if index + 1 >= _MAX_SHARDS:  # one more index stays free for the statistics shard
