@@ -62,8 +62,9 @@ class Batcher:
     drawing the samples themselves (a uniform subset of a part's pending samples, of the drawn size), with one
     ``index_select`` per part and key. Within a batch, samples come grouped by part (the batch's contents are the
     random draw; its order does not matter to a loss averaged over the batch). A part is released when its last
-    pending sample is drawn; if stragglers hold more than ``4 x`` the pool's worth of part rows, the pending
-    samples are compacted into one chunk (one more copy of those samples only)."""
+    pending sample is drawn. When the parts referred to exceed ``4 x (capacity + batch_size)`` samples, the
+    pending samples of the sparsest parts (at most half pending) are compacted into one chunk, so the pool refers
+    to at most ``max(4 x (capacity + batch_size), 2 x pending)`` samples and copies at most as many as it frees."""
 
     def __init__(self, batch_size: int, capacity: int, generator: Optional[torch.Generator], shared: bool = False,
                  reuse: bool = True) -> None:
@@ -104,8 +105,25 @@ class Batcher:
         return out
 
     def _compact(self) -> None:
-        merged = self._gather([c.left for c in self.chunks], batch=False)
-        self.chunks = [_Chunk({k: (v, None) for k, v in merged.items()}, torch.randperm(self.n, generator=self.gen))]
+        """Copy the pending samples of the sparsest parts (at most half of each part still pending) into one chunk,
+        sparsest first, until the pool refers to at most half its bound: each copy frees at least as much memory
+        as it copies, and parts still mostly pending are never copied."""
+        target, held = 2 * (self.capacity + self.batch_size), self._held()
+        picked: set[int] = set()
+        for i in sorted(range(len(self.chunks)), key=lambda j: self.chunks[j].left / len(self.chunks[j].order)):
+            c = self.chunks[i]
+            if held <= target or 2 * c.left > len(c.order):
+                break
+            picked.add(i)
+            held -= len(c.order) - c.left
+        if not picked:
+            return
+        counts = [c.left if i in picked else 0 for i, c in enumerate(self.chunks)]
+        total = sum(counts)
+        merged = self._gather(counts, batch=False)
+        rest = [c for i, c in enumerate(self.chunks) if i not in picked]
+        order = torch.randperm(total, generator=self.gen)
+        self.chunks = rest + [_Chunk({k: (v, None) for k, v in merged.items()}, order)]
 
     def _take(self, count: int) -> dict[str, torch.Tensor]:
         """``count`` samples drawn at random from the pool, removed from it."""

@@ -260,15 +260,24 @@ def test_set_epoch_reaches_persistent_workers(stored):
     assert seen == fresh and seen[0] != seen[1]
 
 
-def test_shuffle_pool_draws_each_sample_once_and_holds_bounded_memory():
+@pytest.mark.parametrize("part_rows", [40, 1000])  # parts smaller than the pool, and far bigger than its bound
+def test_shuffle_pool_draws_each_sample_once_and_holds_bounded_memory(part_rows):
     """The shuffle pool refers to parts instead of copying them: every sample comes out exactly once with its own
-    values, and parts whose stragglers linger are compacted, so the rows held stay within the documented bound."""
+    values, and the stragglers of parts drawn down are compacted, so the rows held stay within the documented bound
+    while compaction copies few samples (none of a part still mostly pending)."""
     from easyroutine_dist.storage.batching import Batcher as _Batcher, Gather as _Gather
 
-    batch, capacity, part_rows = 16, 64, 40
+    batch, capacity, parts = 16, 64, 30
     pool = _Batcher(batch, capacity, torch.Generator().manual_seed(3))
+    copied, gather = [0], pool._gather
+
+    def counting(counts, batch=True):  # samples copied by compaction (batch=False), not into batches
+        copied[0] += 0 if batch else sum(counts)
+        return gather(counts, batch)
+
+    pool._gather = counting
     seen, peak = [], 0
-    for p in range(30):
+    for p in range(parts):
         ids = torch.arange(p * part_rows, (p + 1) * part_rows)
         feats = ids.to(torch.float64)[:, None].repeat(1, 3)  # each sample's features are its own id
         src = feats.flip(0)  # a gathered key: sample j lives at row part_rows - 1 - j of its source
@@ -278,9 +287,13 @@ def test_shuffle_pool_draws_each_sample_once_and_holds_bounded_memory():
         peak = max(peak, pool._held())
     seen.extend(pool.flush())
     ids = torch.cat([b["id"] for b in seen])
-    assert sorted(ids.tolist()) == list(range(30 * part_rows))  # exactly once
+    assert sorted(ids.tolist()) == list(range(parts * part_rows))  # exactly once
     for b in seen:
         assert torch.equal(b["x"], b["id"].to(torch.float64)[:, None].repeat(1, 3))  # values travel with their id
     assert all(len(b["id"]) == batch for b in seen[:-1])
-    assert peak <= 4 * (capacity + batch) + part_rows  # compaction keeps the rows held bounded
+    # the documented bound: 4 x (pool + batch), or twice the pending samples (at most pool + batch + one part)
+    assert peak <= max(4 * (capacity + batch), 2 * (capacity + batch + part_rows))
+    if part_rows < capacity:
+        assert peak <= 4 * (capacity + batch) and copied[0] > 0  # small parts: compaction did run
+    assert copied[0] <= parts * part_rows // 4  # stragglers only, never whole parts again
     assert ids.tolist() != sorted(ids.tolist())  # and it did shuffle
