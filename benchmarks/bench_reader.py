@@ -2,10 +2,11 @@
 workers vs raw concurrent object reads of the same shard bytes (same number of requests in flight), on the local
 S3 endpoint (moto server in its own process) and on local disk.
 
-Run: PYTHONPATH=. python benchmarks/bench_reader.py [--quick] [--no-s3] [--no-local] [--workers 0,1] [--reps N].
-Prints a markdown table (copied into docs/performance.md). The reader runs three epochs on persistent workers: the
-first includes starting the workers and their S3 clients; the median of the other two is the steady state (the
-ratio the target is about).
+Run: PYTHONPATH=. python benchmarks/bench_reader.py [--quick] [--no-s3] [--no-local] [--workers 0,1] [--pairs N].
+Prints a markdown table (copied into docs/performance.md). Per cell, one DataLoader with persistent workers runs a
+first epoch (starting the workers and their S3 clients), then N epochs, each between two raw passes; each epoch's
+ratio is the mean of the raw passes around it over the epoch's seconds, and the cell reports the median ratio
+(the target is about it) and its quartiles. Pairing keeps load that drifts on a shared machine out of the ratio.
 """
 
 from __future__ import annotations
@@ -82,37 +83,46 @@ def raw_seconds(q, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def reader_seconds(q, workers: int, batch_size: int = 4096, epochs: int = 3) -> tuple[float, float, int]:
-    """``epochs`` epochs of ``torch_dataset(unit="tokens")`` through one DataLoader with persistent workers: seconds
-    of the first (worker start-up and S3 clients included) and the median of the others (steady state), and the
-    tokens per epoch."""
+def paired(q, workers: int, pairs: int, batch_size: int = 4096) -> tuple[float, list[float], list[float], int]:
+    """One DataLoader with persistent workers over ``torch_dataset(unit="tokens")``: a first epoch (worker start-up,
+    S3 clients, filling the shuffle pool), then ``pairs`` epochs, each between two raw passes (:func:`raw_seconds`
+    with ``max(1, workers) x PREFETCH`` threads). Returns the first epoch's seconds, the steady epochs' seconds, the
+    raw passes' seconds (``pairs + 1``) and the tokens per epoch. Pairing each epoch with the raw passes around it
+    makes the ratio robust to the load drifting on a shared machine."""
     ds = q.torch_dataset(keys=["resid"], unit="tokens", batch_size=batch_size, shuffle=True,
                          shuffle_buffer=4 * batch_size, prefetch=PREFETCH)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
-    out = []
-    for epoch in range(epochs):
-        ds.set_epoch(epoch)
+
+    def epoch(n: int) -> tuple[float, int]:
+        ds.set_epoch(n)
         t = time.perf_counter()
-        n = 0
+        count = 0
         for b in loader:
-            n += int(b["resid"].shape[0])
-        out.append(time.perf_counter() - t)
+            count += int(b["resid"].shape[0])
+        return time.perf_counter() - t, count
+
+    first, n = epoch(0)
+    threads = max(1, workers) * PREFETCH
+    raw, steady = [raw_seconds(q, threads)], []
+    for i in range(pairs):
+        secs, count = epoch(i + 1)
+        assert count == n, (count, n)
+        steady.append(secs)
+        raw.append(raw_seconds(q, threads))
     del loader
-    return out[0], statistics.median(out[1:]), n
+    return first, steady, raw, n
 
 
-def bench(label: str, q, tokens: int, nbytes: int, reps: int, counts: tuple[int, ...]) -> None:
+def bench(label: str, q, tokens: int, nbytes: int, pairs: int, counts: tuple[int, ...]) -> None:
     for workers in counts:  # 0: read in this process (no worker processes, no IPC)
-        raw, cold, warm = [], [], []
-        for _ in range(reps):  # alternate so that load changes hit both sides alike
-            raw.append(raw_seconds(q, max(1, workers) * PREFETCH))
-            c, w, n = reader_seconds(q, workers)
-            assert n == tokens, (n, tokens)
-            cold.append(c)
-            warm.append(w)
-        r, c, w = (sorted(x)[len(x) // 2] for x in (raw, cold, warm))
-        print(f"| {label} | {workers} | {nbytes / 2**20:.0f} | {tokens / r:,.0f} | {tokens / c:,.0f} ({r / c:.2f}) | "
-              f"{tokens / w:,.0f} | **{r / w:.2f}** | load {_load()}")
+        first, steady, raw, n = paired(q, workers, pairs)
+        assert n == tokens, (n, tokens)
+        ratios = sorted((raw[i] + raw[i + 1]) / 2 / steady[i] for i in range(pairs))
+        med = statistics.median
+        lo, hi = ratios[len(ratios) // 4], ratios[-1 - len(ratios) // 4]
+        print(f"| {label} | {workers} | {nbytes / 2**20:.0f} | {tokens / med(raw):,.0f} | "
+              f"{tokens / first:,.0f} ({med(raw) / first:.2f}) | {tokens / med(steady):,.0f} | **{med(ratios):.2f}** "
+              f"| {lo:.2f}-{hi:.2f} | load {_load()}")
 
 
 def main() -> None:
@@ -121,27 +131,27 @@ def main() -> None:
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--no-local", action="store_true")
     ap.add_argument("--workers", default="0,1,2,4", help="DataLoader worker counts, comma-separated")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (median); default 3, 1 with --quick")
+    ap.add_argument("--pairs", type=int, default=None, help="paired epochs per cell; default 8, 2 with --quick")
     args = ap.parse_args()
     counts = tuple(int(x) for x in args.workers.split(","))
     parts, rows, slots, d = (6, 256, 16, 256) if args.quick else (48, 512, 16, 256)
-    reps = args.reps or (1 if args.quick else 3)
+    pairs = args.pairs or (2 if args.quick else 8)
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus, "
           f"load average at start: {_load()}")
     print(f"run: {parts} parts x {rows} rows x {slots} slots x d={d} float32 (~25% padded slots), "
           f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads\n")
-    print("| storage | DataLoader workers | MiB | raw tokens/s | reader, 1st epoch (ratio) | reader, epochs 2-3 "
-          "| ratio |\n|---|---|---|---|---|---|---|")
+    print("| storage | DataLoader workers | MiB | raw tokens/s | reader, 1st epoch (ratio) | reader, steady "
+          "| ratio (median of pairs) | ratio, quartiles |\n|---|---|---|---|---|---|---|---|")
     if not args.no_local:
         q, tokens, nbytes = make_run(_scratch("bench-reader-"), None, parts, rows, slots, d)
-        bench("local disk (page cache)", q, tokens, nbytes, reps, counts)
+        bench("local disk (page cache)", q, tokens, nbytes, pairs, counts)
     if args.no_s3:
         return
     from _s3 import s3_endpoint
 
     with s3_endpoint("bench-bucket") as opts:
         q, tokens, nbytes = make_run("s3://bench-bucket/acts", opts, parts, rows, slots, d)
-        bench("S3 (moto server process)", q, tokens, nbytes, reps, counts)
+        bench("S3 (moto server process)", q, tokens, nbytes, pairs, counts)
 
 
 if __name__ == "__main__":
