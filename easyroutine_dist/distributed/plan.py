@@ -202,7 +202,7 @@ def _part_files(tpl: _Template, part: _Part, max_shard_bytes: int,
     per_row = all(full[k] and full[k][0] == part.rows for k in tpl.keys)
     chunks = [part.rows]
     if per_row:
-        row_bytes = sum(math.prod(full[k][1:]) * torch.empty((), dtype=tpl.dtype[k]).element_size() for k in tpl.keys)
+        row_bytes = sum(math.prod(full[k][1:]) * tpl.dtype[k].itemsize for k in tpl.keys)
         chunks, i = [], 0
         for g in coalesced([r * row_bytes for r in part.batch_rows], coalesce):
             chunks, i = chunks + [sum(part.batch_rows[i:i + g])], i + g
@@ -368,7 +368,7 @@ def plan_extraction(source: Any, dataset: Any, target_token_positions: list, ext
         record_bytes += tpl.record_size(part, shards, self_check=i < num_workers)
         for k in tpl.keys:
             shape = tpl.shape_for(k, part)
-            key_bytes[k] += math.prod(shape) * torch.empty((), dtype=tpl.dtype[k]).element_size()
+            key_bytes[k] += math.prod(shape) * tpl.dtype[k].itemsize
             widest[k] = [max(a, b) for a, b in zip(widest.get(k, shape[1:]), shape[1:])]
         sizes = [total for _, total, _ in shards] + [int(sh["bytes"]) for sh in tpl.fixed_shards]
         shard_bytes += sum(sizes)

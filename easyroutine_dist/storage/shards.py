@@ -264,9 +264,8 @@ def _tensor_from(buf: bytearray | memoryview, start: int, spec: dict[str, Any], 
     b, e = spec["data_offsets"]
     if e - b == 0:
         return torch.empty(shape, dtype=dtype)
-    count = (e - b) // torch.empty((), dtype=dtype).element_size()
-    itemsize = (e - b) // max(count, 1)
-    if (start + b) % itemsize:  # unaligned (files written elsewhere): copy to an aligned buffer
+    count = (e - b) // dtype.itemsize
+    if (start + b) % dtype.itemsize:  # unaligned (files written elsewhere): copy to an aligned buffer
         return torch.frombuffer(bytearray(buf[start + b:start + e]), dtype=dtype, count=count).reshape(shape)
     return torch.frombuffer(buf, dtype=dtype, count=count, offset=start + b).reshape(shape)
 
