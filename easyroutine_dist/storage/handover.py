@@ -10,15 +10,19 @@ every reference to the batch it carried.
 Protocol (one :class:`_Pool` per worker process, ``SLOTS`` buffers):
 
 1. The worker lays a batch's tensors out in one buffer (64-byte aligned views) and yields a :class:`Handover` (a
-   dict). Pickling it into the DataLoader's queue sends the buffer's storage once, the views' layout, the slot, the
-   hand-out's generation number and the pool's *release board* (``int64 [SLOTS]`` in shared memory; once the
-   worker sees the main process has written on it, only the board's token).
-2. In the main process, :func:`_receive` rebuilds a plain dict of views and keeps a weak reference to the buffer's
-   storage. Each time a batch arrives (and at :func:`sweep`), every earlier buffer whose storage has no reference
-   left there (no tensor of the batch, no view of one) gets its generation written on the board.
-3. The worker hands a buffer out again only when the board shows the generation of its last hand-out. A buffer
-   never released (a batch kept, or collated again inside the worker) is replaced by a new one after ``STALE``
-   batches; its memory lives on for whoever holds it.
+   dict). Pickling it into the DataLoader's queue sends the views' layout, the slot, the buffer's number and the
+   hand-out's generation, plus the buffer's storage (a file descriptor passed over a socket, mapped again by the
+   receiver) the first time, and the pool's *release board* (``int64 [SLOTS]`` in shared memory) until the
+   worker sees the main process has written on it.
+2. In the main process, :func:`_receive` keeps each buffer it is sent mapped (per worker and slot, the newest
+   buffer number) and gives the caller a plain dict of views of a fresh *alias* of that memory; it keeps a weak
+   reference to the alias. Each time a batch arrives (and at :func:`sweep`), every earlier alias with no
+   reference left there (no tensor of the batch, no view of one) gets its generation written on the board.
+3. The worker hands a buffer out again only when the board shows the generation of its last hand-out. A release
+   also proves the main process maps that buffer, so later hand-outs of it send no storage at all: no descriptor,
+   no mapping, only the slot (:func:`_receive_mapped`). A buffer never released (a batch kept, or collated again
+   inside the worker) is replaced by a new one after ``STALE`` batches; its memory lives on for whoever holds
+   it. The main process drops the buffers of a worker once that process has exited.
 
 So a batch, or any view of it, is never overwritten while the main process holds it. Limit: a tensor the main
 process forwards to a third process and then drops may be reused while that process reads it; clone it first
@@ -28,11 +32,12 @@ process forwards to a third process and then drops may be reused while that proc
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import os
 import threading
+import time
 import uuid
-from collections import OrderedDict
 from typing import Any, Optional
 
 import torch
@@ -46,15 +51,16 @@ __all__ = ["Handover", "new_batch", "sweep"]
 
 
 class Handover(dict):
-    """A batch (``{key: tensor}``) whose tensors are views of one pooled shared buffer. Pickles as that buffer plus
-    its layout the first time, while its values are still those views; otherwise (a collate function or the caller
-    replaced some, or it is pickled again) as a plain dict of tensors, and its buffer is then never reused."""
+    """A batch (``{key: tensor}``) whose tensors are views of one pooled shared buffer. Pickles as its layout plus
+    that buffer (or, once the main process maps it, only its slot) the first time, while its values are still those
+    views; otherwise (a collate function or the caller replaced some, or it is pickled again) as a plain dict of
+    tensors, and its buffer is then never reused."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], pool: Optional["_Pool"] = None, slot: int = -1,
-                 gen: int = 0, storage: Optional[torch.UntypedStorage] = None) -> None:
+                 gen: int = 0, storage: Optional[torch.UntypedStorage] = None, bufid: int = 0) -> None:
         super().__init__(tensors)
         self._views = dict(tensors)
-        self._pool, self._slot, self._gen, self._storage = pool, slot, gen, storage
+        self._pool, self._slot, self._gen, self._storage, self._bufid = pool, slot, gen, storage, bufid
 
     def _intact(self) -> bool:
         return self._pool is not None and self.keys() == self._views.keys() and \
@@ -65,10 +71,13 @@ class Handover(dict):
             if self._pool is not None:  # views of the buffer may travel untracked: never hand it out again
                 self._pool.poisoned.add((self._slot, self._gen))
             return dict, (dict(self),)
-        self._pool.sent.add((self._slot, self._gen))
+        pool = self._pool
+        pool.sent.add((self._slot, self._gen))
         layout = [(k, v.dtype, tuple(v.shape), v.storage_offset() * v.element_size()) for k, v in self.items()]
-        board = None if self._pool.acknowledged else self._pool.board  # the main process has it already
-        return _receive, (self._storage, layout, board, self._pool.token, self._slot, self._gen)
+        if pool.mapped[self._slot] == self._bufid:  # the main process maps this buffer already
+            return _receive_mapped, (pool.token, self._slot, self._bufid, layout, self._gen)
+        board = None if pool.acknowledged else pool.board  # the main process has it already
+        return _receive, (self._storage, layout, board, pool.token, self._slot, self._gen, self._bufid)
 
     def __copy__(self) -> "Handover":  # torch's default_convert / pin_memory copy a mapping before updating it
         clone = Handover.__new__(Handover)
@@ -91,6 +100,8 @@ class _Pool:
         self.sent: set[tuple[int, int]] = set()  # (slot, generation) pickled once with tracking
         self.poisoned: set[tuple[int, int]] = set()  # (slot, generation) also sent untracked: never reused
         self.bufs: list[Optional[torch.UntypedStorage]] = [None] * SLOTS
+        self.bufid = [0] * SLOTS  # number of each slot's current buffer (1, 2, ... as it is replaced)
+        self.mapped = [-1] * SLOTS  # the buffer number the main process is known to map, per slot
         self.gen = [0] * SLOTS  # generation of each slot's latest hand-out
         self.out_at: list[Optional[int]] = [None] * SLOTS  # batch count at that hand-out; None: released
         self.count = 0
@@ -104,6 +115,7 @@ class _Pool:
             if self.out_at[i] is not None and board[i] == self.gen[i] and (i, self.gen[i]) not in self.poisoned:
                 self.out_at[i] = None
                 self.sent.discard((i, self.gen[i]))
+                self.mapped[i] = self.bufid[i]  # released there, so received and mapped there
         free = [i for i in range(SLOTS) if self.out_at[i] is None]
         fits = [i for i in free if self.bufs[i] is not None and self.bufs[i].nbytes() >= nbytes]
         stale = [i for i in range(SLOTS) if self.out_at[i] is not None and self.count - self.out_at[i] > STALE]
@@ -115,6 +127,8 @@ class _Pool:
             self.poisoned.discard((slot, self.gen[slot]))
             self.bufs[slot] = None  # the old buffer goes before the new one is made; whoever maps it keeps it
             self.bufs[slot] = torch.UntypedStorage._new_shared(nbytes)
+            self.bufid[slot] += 1
+            self.mapped[slot] = -1  # sent with its storage until a release shows the main process maps it
         else:
             return -1, torch.UntypedStorage._new_shared(nbytes)
         self.gen[slot] += 1
@@ -156,13 +170,69 @@ def new_batch(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], shared: boo
     slot, storage = _POOL.take(nbytes)
     if slot < 0:
         return _views(storage, layout)
-    return Handover(_views(storage, layout), _POOL, slot, _POOL.gen[slot], storage)
+    return Handover(_views(storage, layout), _POOL, slot, _POOL.gen[slot], storage, _POOL.bufid[slot])
 
 
 # ---------------------------------------------------------------------------------------------- main process
+class _Peer:
+    """What the main process keeps of one worker's pool: its board and, per slot, the newest buffer it was sent
+    (``(buffer number, storage)``), kept mapped while the worker lives."""
+
+    def __init__(self, token: str) -> None:
+        self.pid = int(token.split("-", 1)[0])
+        self.board: Optional[torch.Tensor] = None
+        self.maps: dict[int, tuple[int, torch.UntypedStorage]] = {}
+
+
 _WATCH: list[tuple[StorageWeakRef, torch.Tensor, int, int]] = []
-_BOARDS: "OrderedDict[str, torch.Tensor]" = OrderedDict()  # token -> board, the latest 256 pools
+_PEERS: dict[str, _Peer] = {}
 _LOCK = threading.Lock()
+_JANITOR: list[threading.Thread] = []
+JANITOR_S = 2.0  # how often the buffers of exited workers are looked for
+
+
+def _forget_exited() -> bool:
+    """Drop the buffers of workers that have exited; True while some worker's are still kept."""
+    with _LOCK:
+        for t in [t for t, p in _PEERS.items() if _exited(p.pid)]:
+            del _PEERS[t]
+        if not _PEERS:
+            _JANITOR.clear()
+        return bool(_PEERS)
+
+
+def _janitor() -> None:
+    while True:
+        time.sleep(JANITOR_S)
+        if not _forget_exited():
+            return
+
+
+def _reset_in_child() -> None:  # a forked process receives no batches of its parent's workers
+    _WATCH.clear()
+    _PEERS.clear()
+    _JANITOR.clear()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)
+
+
+def _exited(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def _alias(storage: torch.UntypedStorage) -> torch.UntypedStorage:
+    """A new storage over ``storage``'s memory (keeping it alive): its own lifetime tells when the batch built on
+    it is dropped, while ``storage`` stays mapped for the next batches."""
+    arr = (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())
+    arr._owner = storage  # type: ignore[attr-defined]
+    return torch.frombuffer(memoryview(arr).cast("B"), dtype=torch.uint8).untyped_storage()
 
 
 def sweep() -> None:
@@ -177,18 +247,42 @@ def sweep() -> None:
         _WATCH[:] = keep
 
 
-def _receive(storage: torch.UntypedStorage, layout: list[Any], board: Optional[torch.Tensor], token: str, slot: int,
-             gen: int) -> dict[str, torch.Tensor]:
-    """Unpickling a :class:`Handover` (in the main process): a plain dict of views of ``storage``. Without the
-    board (or its token) the buffer is simply never marked released."""
-    out = _views(storage, layout)
+def _hand_out(peer: _Peer, storage: torch.UntypedStorage, layout: list[Any], slot: int, gen: int
+              ) -> dict[str, torch.Tensor]:
+    alias = _alias(storage)
+    out = _views(alias, layout)
     sweep()
-    with _LOCK:
-        if board is not None:
-            _BOARDS[token] = board
-            if len(_BOARDS) > 256:
-                _BOARDS.popitem(last=False)
-        board = _BOARDS.get(token)
-        if board is not None:
-            _WATCH.append((StorageWeakRef(storage), board, slot, gen))
+    if peer.board is not None:
+        with _LOCK:
+            _WATCH.append((StorageWeakRef(alias), peer.board, slot, gen))
     return out
+
+
+def _receive(storage: torch.UntypedStorage, layout: list[Any], board: Optional[torch.Tensor], token: str, slot: int,
+             gen: int, bufid: int) -> dict[str, torch.Tensor]:
+    """Unpickling a :class:`Handover` sent with its buffer (in the main process): a plain dict of views of it.
+    Without the board (or its token) the buffer is simply never marked released."""
+    with _LOCK:
+        peer = _PEERS.get(token)
+        if peer is None:  # a new worker; a thread drops its buffers once it has exited
+            peer = _PEERS[token] = _Peer(token)
+            if not _JANITOR:
+                _JANITOR.append(threading.Thread(target=_janitor, name="handover-janitor", daemon=True))
+                _JANITOR[0].start()
+        if board is not None:
+            peer.board = board
+        if peer.board is not None and bufid > peer.maps.get(slot, (0, None))[0]:
+            peer.maps[slot] = (bufid, storage)
+    return _hand_out(peer, storage, layout, slot, gen)
+
+
+def _receive_mapped(token: str, slot: int, bufid: int, layout: list[Any], gen: int) -> dict[str, torch.Tensor]:
+    """Unpickling a :class:`Handover` of a buffer this process maps already: views of a fresh alias of it."""
+    with _LOCK:
+        peer = _PEERS.get(token)
+        held = peer.maps.get(slot) if peer is not None else None
+    if held is None or held[0] != bufid:
+        raise RuntimeError(f"batch hand-over: worker {token} sent slot {slot} of buffer {bufid} by reference, but this "
+                           f"process maps {held[0] if held else 'none'}; this is a bug in easyroutine_dist (pass "
+                           "reuse_batch_memory=False to avoid the reuse path).")
+    return _hand_out(peer, held[1], layout, slot, gen)

@@ -4,6 +4,8 @@ Expected values are each batch's number, written by the worker and known to the 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate
@@ -143,3 +145,40 @@ def test_spawned_workers_hand_over_and_reuse_too():
         assert torch.equal(b["x"], torch.full((WIDTH,), float(i)))
         seen.append((i, gen))
     assert [i for i, _ in seen] == list(range(N)) and max(g for _, g in seen) > 2
+
+
+def test_buffers_the_main_process_maps_are_handed_over_by_reference(monkeypatch):
+    """Once the main process has released a buffer (so maps it), later batches in it travel without their storage
+    (no descriptor, no new mapping); three batches are kept meanwhile and must never change. When the worker
+    has exited, the main process lets its buffers go."""
+    monkeypatch.setattr(handover, "JANITOR_S", 0.05)
+    before = set(handover._PEERS)  # other tests' workers, maybe still alive
+    it = iter(loader(Numbered()))  # the worker is forked here, with the module as it is
+    calls = {"full": 0, "mapped": 0}
+    full, mapped = handover._receive, handover._receive_mapped
+
+    def counting(kind, fn):
+        def wrapped(*args):
+            calls[kind] += 1
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(handover, "_receive", counting("full", full))  # what unpickling here looks up
+    monkeypatch.setattr(handover, "_receive_mapped", counting("mapped", mapped))
+    kept = []
+    for b in it:
+        i = int(b["tag"][0])
+        assert torch.equal(b["x"], torch.full((WIDTH,), float(i)))
+        if i in (0, 10, 20):  # each holds a slot for good; the other slots keep turning
+            kept.append((i, b))
+    assert calls["mapped"] >= N // 2 and calls["full"] <= 2 * handover.SLOTS
+    for i, b in kept:  # batches kept while their neighbours' buffers were reused by reference
+        assert torch.equal(b["x"], torch.full((WIDTH,), float(i)))
+    ours = set(handover._PEERS) - before
+    assert len(ours) == 1  # this loader's worker, its buffers mapped here
+    del it
+    for _ in range(200):  # the worker exits when the iterator goes; then its buffers are dropped here
+        if not ours & set(handover._PEERS):
+            break
+        time.sleep(0.05)
+    assert not ours & set(handover._PEERS)
