@@ -32,7 +32,6 @@ process forwards to a third process and then drops may be reused while that proc
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 import os
 import threading
@@ -42,6 +41,8 @@ from typing import Any, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+
+from .shards import view_memory
 
 SLOTS = 6
 STALE = 8 * SLOTS
@@ -230,9 +231,8 @@ def _exited(pid: int) -> bool:
 def _alias(storage: torch.UntypedStorage) -> torch.UntypedStorage:
     """A new storage over ``storage``'s memory (keeping it alive): its own lifetime tells when the batch built on
     it is dropped, while ``storage`` stays mapped for the next batches."""
-    arr = (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())
-    arr._owner = storage  # type: ignore[attr-defined]
-    return torch.frombuffer(memoryview(arr).cast("B"), dtype=torch.uint8).untyped_storage()
+    view = view_memory(storage, storage.data_ptr(), storage.nbytes())
+    return torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
 
 
 def sweep() -> None:

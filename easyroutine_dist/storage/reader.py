@@ -18,8 +18,8 @@ How an epoch is split (``T = world_size x DataLoader workers`` readers; reader `
 Memory per reader: about ``prefetch + 2`` parts' requested tensors (``prefetch + 1`` being read or waiting, one
 being batched) plus the parts the shuffle pool still draws from (at most ``4 x (shuffle_buffer + batch_size)``
 rows or slots of them, or twice its pending samples when parts are bigger: then the stragglers of the sparsest
-parts are compacted), whatever the run's size; in a DataLoader worker, also up
-to ``handover.SLOTS`` (6) batches of shared memory kept for reuse.
+parts are compacted), whatever the run's size; in a DataLoader worker, also up to ``handover.SLOTS`` (6) batches
+of shared memory kept for reuse.
 Call ``set_epoch(n)`` before each epoch: the epoch lives in shared memory, so the DataLoader's workers see it,
 persistent ones included (``persistent_workers=True`` also keeps each worker's S3 client). The same
 ``(seed, epoch, world_size, num_workers)`` gives the same batches.

@@ -234,14 +234,20 @@ def write_shard(store: Store, path: str, tensors: dict[str, torch.Tensor],
     }
 
 
+def view_memory(owner: Any, address: int, nbytes: int) -> memoryview:
+    """A writable byte view of ``nbytes`` at ``address``, memory that ``owner`` holds; the view keeps ``owner``
+    alive. Only for memory its owner does not move or free while it lives (bytes, a tensor storage)."""
+    arr = (ctypes.c_char * nbytes).from_address(address)
+    arr._owner = owner  # type: ignore[attr-defined]
+    return memoryview(arr).cast("B")
+
+
 def _alias(data: bytes) -> memoryview:
     """``data``'s own memory as a writable byte view, without copying (it keeps ``data`` alive). Only for bytes
     nothing else refers to and that are only read: it lets tensors view them and crc32c run without the GIL."""
     if not data:
         return memoryview(bytearray())
-    arr = (ctypes.c_char * len(data)).from_address(ctypes.cast(data, ctypes.c_void_p).value)
-    arr._owner = data  # type: ignore[attr-defined]
-    return memoryview(arr).cast("B")
+    return view_memory(data, ctypes.cast(data, ctypes.c_void_p).value, len(data))
 
 
 def _parse_header(raw: bytes, where: str) -> tuple[int, dict[str, Any]]:
@@ -293,7 +299,8 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
         hb = record["header_bytes"]
         bad = len(data) != record["bytes"]
         if not bad:
-            start, header = _parse_header(bytes(data[:hb]), where)
+            head = bytes(data[:hb])
+            start, header = _parse_header(head, where)
             order = sorted(record["tensors"], key=lambda k: header[k]["data_offsets"][0] if k in header else -1)
             view = memoryview(data)
             spans = [view[hb + header[k]["data_offsets"][0]:hb + header[k]["data_offsets"][1]] if k in header else None
@@ -303,7 +310,7 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
             else:  # sha256: the tensors' digests side by side
                 futs = [_POOL.submit(digest, v) if v is not None else None for v in spans]
                 digests = [f.result() if f is not None else "" for f in futs]
-            bad = shard_digest(bytes(data[:hb]), digests, algo) != record.get(algo)
+            bad = shard_digest(head, digests, algo) != record.get(algo)
         if bad:
             raise CorruptShardError(
                 f"shard {where} is corrupted or truncated: {len(data)} bytes, expected {record['bytes']} with "
