@@ -294,7 +294,7 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
         return {}
     if len(wanted) == len(record["tensors"]):
         with gate:
-            fetched = read_bytes(store, path)
+            fetched = read_bytes(store, path, size=int(record["bytes"]))
         data = bytearray(fetched) if copy else _alias(fetched)
         hb = record["header_bytes"]
         bad = len(data) != record["bytes"]
