@@ -6,6 +6,7 @@ package ever writes them to storage.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -310,15 +311,16 @@ def create_exclusive(store: Store, path: str, data: bytes) -> bool:
         raise err from exc
 
 
-def _single_get_kw(fs: Any) -> dict[str, Any]:
-    """Keyword that makes ``fs.cat_file`` of a whole object one request: s3fs (2025+) otherwise asks the object's
-    size first (a HEAD, a whole round trip more per read) to decide whether to split big objects."""
-    if not hasattr(fs, "max_concurrency"):
-        return {}
+@functools.lru_cache(maxsize=None)
+def _single_get_kw(fs_type: type) -> tuple[tuple[str, Any], ...]:
+    """Keyword that makes ``cat_file`` of a whole object one request on filesystems of ``fs_type``: s3fs (2025+)
+    otherwise asks the object's size first (a HEAD, a whole round trip more per read) to decide whether to split
+    big objects."""
     try:
-        return {"max_concurrency": 1} if "max_concurrency" in inspect.signature(fs._cat_file).parameters else {}
+        takes = "max_concurrency" in inspect.signature(fs_type._cat_file).parameters
     except (TypeError, ValueError, AttributeError):
-        return {}
+        takes = False
+    return (("max_concurrency", 1),) if takes else ()
 
 
 def read_bytes(store: Store, path: str, start: int | None = None, end: int | None = None,
@@ -335,7 +337,7 @@ def read_bytes(store: Store, path: str, start: int | None = None, end: int | Non
                 return store.fs.cat_file(path)
             if size is not None and 0 < size < getattr(store.fs, "default_block_size", 0):
                 return store.fs.cat_file(path, start=0, end=size + 1)
-            kw = _single_get_kw(store.fs) if size is None else {}
+            kw = dict(_single_get_kw(type(store.fs))) if size is None else {}
             return store.fs.cat_file(path, **kw)
         return store.fs.cat_file(path, start=start, end=end)
     except FileNotFoundError as exc:
