@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ..cache import cat_rows
@@ -58,7 +59,8 @@ class Batcher:
 
     How a batch is drawn: each part's samples are put in a random order when the part arrives; a batch takes the
     *count* of samples per part of a uniform draw of ``batch_size`` of the pool's ``n`` pending samples (one
-    ``randperm``), then that many samples from the front of each part's order. That is the same distribution as
+    multivariate hypergeometric draw, O(parts), from a numpy generator seeded from ``generator``), then that many
+    samples from the front of each part's order. That is the same distribution as
     drawing the samples themselves (a uniform subset of a part's pending samples, of the drawn size), with one
     ``index_select`` per part and key. Within a batch, samples come grouped by part (the batch's contents are the
     random draw; its order does not matter to a loss averaged over the batch). A part is released when its last
@@ -69,6 +71,8 @@ class Batcher:
     def __init__(self, batch_size: int, capacity: int, generator: Optional[torch.Generator], shared: bool = False,
                  reuse: bool = True) -> None:
         self.batch_size, self.capacity, self.gen = batch_size, capacity, generator
+        self.rng = None if generator is None else np.random.default_rng(
+            int(torch.randint(0, 2**62, (1,), generator=generator)))
         self.shared, self.reuse = shared, reuse  # batches in (reused) shared memory: see .handover
         self.chunks: list[_Chunk] = []
         self.n = 0  # pending samples
@@ -131,9 +135,7 @@ class Batcher:
         if count >= self.n:
             counts = lefts
         else:  # how many of each part a uniform draw of `count` pending samples holds
-            pick = torch.randperm(self.n, generator=self.gen)[:count]
-            ends = torch.tensor(lefts, dtype=torch.int64).cumsum(0)
-            counts = torch.bincount(torch.bucketize(pick, ends, right=True), minlength=len(lefts)).tolist()
+            counts = self.rng.multivariate_hypergeometric(lefts, count).tolist()
         batch = self._gather(counts)
         self.n -= count
         self.chunks = [c for c in self.chunks if c.left]  # a part whose last sample is out is released

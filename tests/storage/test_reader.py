@@ -4,6 +4,8 @@ stored statistics, bounded prefetch."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -233,14 +235,21 @@ def test_shuffle_draws_are_uniform_over_the_pool():
 
     sizes, batch, trials = (30, 10), 8, 4000
     hits = torch.zeros(sum(sizes))
+    from_first = torch.zeros(batch + 1)  # how many of the first part's samples the first batch holds
     for seed in range(trials):
         pool = Batcher(batch, sum(sizes) - batch, torch.Generator().manual_seed(seed))
         out = []
         for p, n in enumerate(sizes):
             out.extend(pool.add({"id": torch.arange(sum(sizes[:p]), sum(sizes[:p]) + n)}))
         hits[out[0]["id"]] += 1
+        from_first[int((out[0]["id"] < sizes[0]).sum())] += 1
     expected = trials * batch / sum(sizes)  # 800; binomial sd ~25
     assert (hits - expected).abs().max() < 5 * (expected * (1 - batch / sum(sizes))) ** 0.5
+    # and the split between parts is that of a draw without replacement (hypergeometric), not a fixed share
+    pmf = torch.tensor([math.comb(sizes[0], j) * math.comb(sizes[1], batch - j) / math.comb(sum(sizes), batch)
+                        for j in range(batch + 1)], dtype=torch.float64)
+    assert ((from_first - trials * pmf).abs() <= 5 * (trials * pmf * (1 - pmf)).sqrt() + 1).all(), from_first
+    assert (from_first > 0).sum() >= 5
 
 
 def test_set_epoch_reaches_persistent_workers(stored):
