@@ -2,7 +2,8 @@
 
 Every request is forwarded to the upstream endpoint (the moto server of tests/s3_fixtures.py), except that
 ``fault_rate`` of them (at random, seeded) get a 503 SlowDown or a reset connection instead, all of them do during
-an outage (:meth:`FaultProxy.outage`), and every one gets 403 AccessDenied in ``deny`` mode.
+an outage (:meth:`FaultProxy.outage`), and every one gets 403 AccessDenied in ``deny`` mode. Every request is
+logged (``requests``), so tests can count what a call costs on the wire.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"forwarded": 0, "slowdown": 0, "reset": 0, "outage": 0, "denied": 0}
+        self.requests: list[tuple[str, str]] = []  # (method, path with query) of every request, in arrival order
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,6 +74,8 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._body()
+                with proxy.lock:
+                    proxy.requests.append((self.command, self.path))
                 fault = proxy._decide()
                 if fault == "reset" or fault == "outage":
                     self._reset()

@@ -104,9 +104,9 @@ def check_committed_parts(run_id: str, parts: Iterator[PartitionSpec],
 def never_begun(store: Any, experiment: str, run_id: str) -> bool:
     """True when no model folder of ``experiment`` holds run ``run_id`` (its driver stopped before writing the run's
     metadata, e.g. while the workers loaded the model): a resume may then begin it under that id."""
-    from ..storage.fs import exists, list_names
+    from ..storage.fs import file_exists, list_names
     from ..storage.layout import METADATA_FILE, check_run_id
 
     check_run_id(run_id)
     slugs = list_names(store, store.path(experiment))  # [] when the experiment has no folder yet
-    return not any(exists(store, store.path(experiment, slug, run_id, METADATA_FILE)) for slug in slugs)
+    return not any(file_exists(store, store.path(experiment, slug, run_id, METADATA_FILE)) for slug in slugs)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, StorageError
 from ..storage import layout
-from ..storage.fs import exists, read_bytes, retrying
+from ..storage.fs import file_exists, read_bytes, retrying
 from ..storage.runs import PartAlreadyCommittedError, RunHandle, RunWriter, check_record
 from .credentials import credential_fingerprint, public_options
 from ..slots import LAYOUT_KEY, VALID_KEY, SlotLayout
@@ -102,7 +102,7 @@ class ExtractionWorker:
     def _existing(writer: RunWriter, run: RunHandle, part_id: int) -> Optional[dict[str, Any]]:
         path = writer.store.path(run.rel, layout.record_name(part_id))
         where = writer.store.url(path)  # retried like the write path: throttling and outages are not fatal
-        if not retrying(lambda: exists(writer.store, path), f"checking {where}", write=True):
+        if not retrying(lambda: file_exists(writer.store, path), f"checking {where}", write=True):
             return None
         return json.loads(retrying(lambda: read_bytes(writer.store, path), f"reading {where}", write=True))
 

@@ -28,7 +28,7 @@ from typing import Any, Optional
 from ..errors import MetadataError, StorageError
 from . import layout, providers, snapshots
 from .markers import read_manifest  # (not .runs: runs imports catalog, never the reverse)
-from .fs import ObjectNotFoundError, Store, exists, list_names, read_bytes, remove, retrying, write_bytes
+from .fs import ObjectNotFoundError, Store, file_exists, list_names, read_bytes, remove, retrying, write_bytes
 
 _LOG = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Catalog:
         for exp in exps:
             with self._lock:
                 entry = self._cache.get(exp, {}).get(name)
-            if entry is None or not exists(self.store, self.store.path(layout.CATALOG_DIR, exp, name)):
+            if entry is None or not file_exists(self.store, self.store.path(layout.CATALOG_DIR, exp, name)):
                 entry = self._read_entry(exp, name)
             if entry is not None:
                 found.append(entry)
@@ -223,7 +223,7 @@ class Catalog:
                 found.setdefault(exp, set()).add(f"{run_id}.json")
                 continue
             self.add(entry)
-            if not exists(self.store, m):  # removed while this rebuild ran (remove_run drops the entry first)
+            if not file_exists(self.store, m):  # removed while this rebuild ran (remove_run drops the entry first)
                 self.discard(exp, run_id)
                 continue
             found.setdefault(exp, set()).add(f"{run_id}.json")

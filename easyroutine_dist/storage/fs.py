@@ -348,8 +348,27 @@ def read_bytes(store: Store, path: str, start: int | None = None, end: int | Non
 
 
 def exists(store: Store, path: str) -> bool:
+    """Whether ``path`` exists, file or folder (on S3 a missing object costs a HEAD and a LIST: use
+    :func:`file_exists` for files)."""
     try:
         return bool(store.fs.exists(path))
+    except Exception as exc:
+        _reraise(exc, f"cannot reach {store.url(path)}")
+        raise
+
+
+def file_exists(store: Store, path: str) -> bool:
+    """Whether the file (object) ``path`` exists: one HEAD request on S3, where :func:`exists` also lists the prefix
+    when no object has that name (a folder might)."""
+    try:
+        if store.protocol in ("s3", "s3a"):
+            bucket, key, version = store.fs.split_path(path)
+            try:
+                store.fs.call_s3("head_object", Bucket=bucket, Key=key, **({"VersionId": version} if version else {}))
+                return True
+            except FileNotFoundError:
+                return False
+        return bool(store.fs.isfile(path))
     except Exception as exc:
         _reraise(exc, f"cannot reach {store.url(path)}")
         raise
@@ -360,8 +379,9 @@ def list_names(store: Store, path: str) -> list[str]:
     try:
         if store.is_local:
             return os.listdir(path) if os.path.isdir(path) else []
-        if not store.fs.exists(path):
+        if store.protocol not in ("s3", "s3a") and not store.fs.exists(path):
             return []
+        # S3: one LIST (a missing folder raises FileNotFoundError), not a HEAD and a LIST to ask first
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(path, detail=False, refresh=True)]
     except FileNotFoundError:
         return []

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ..errors import CorruptShardError, StorageError
 from . import layout
-from .fs import ObjectNotFoundError, Store, exists
+from .fs import ObjectNotFoundError, Store, file_exists
 from .runs import embedded_record, manifest_part_ids, read_manifest, read_record
 from .shards import read_shard
 from .verify import RunScan, remove_garbage, scan_run
@@ -105,7 +105,7 @@ def verify_run(store: Store, rdir: str, run_id: Optional[str] = None, threads: i
     """Check the run in ``rdir`` (a path in ``store``); see the module docstring. Never raises for a damaged run:
     every problem is in the report."""
     run_id = run_id or rdir.rstrip("/").rsplit("/", 1)[-1]
-    committed = exists(store, f"{rdir}/{layout.RUN_MARKER}")
+    committed = file_exists(store, f"{rdir}/{layout.RUN_MARKER}")
     report = VerifyReport(run_id, store.url(rdir), committed)
     scan = scan_run(store, rdir)
     problems = _scan_problems(scan)

@@ -27,7 +27,7 @@ from ..slots import MASK_KEYS
 from ..errors import ConfigError, MetadataError, StorageError
 from . import layout
 from .catalog import Catalog, entry_from_metadata
-from .fs import (ObjectNotFoundError, Store, create_exclusive, exists, list_names, read_bytes, remove, resolve,
+from .fs import (ObjectNotFoundError, Store, create_exclusive, file_exists, list_names, read_bytes, remove, resolve,
                  retrying, write_bytes)
 from .markers import READABLE_SCHEMA_VERSIONS, read_manifest  # noqa: F401 - re-exported
 from .query import normalise
@@ -132,7 +132,7 @@ class RunWriter:
 
             run_id, save_time, now = layout.check_run_id(run_id), run_id[:19], time.time()
             taken = self.store.path(layout.run_rel(experiment, slug, run_id), layout.METADATA_FILE)
-            if exists(self.store, taken):
+            if file_exists(self.store, taken):
                 raise StorageError(f"run {run_id} already exists in experiment {experiment!r}; reopen it with "
                                    "open_run(...) to resume it, or pick a new id (layout.new_run_id()).")
         meta.update(schema_version=SCHEMA_VERSION, run_id=run_id, experiment_name=experiment,
@@ -156,7 +156,7 @@ class RunWriter:
 
     def is_committed(self, run: RunHandle) -> bool:
         """True once the run's ``_SUCCESS`` marker exists."""
-        return exists(self.store, self._p(run, layout.RUN_MARKER))
+        return file_exists(self.store, self._p(run, layout.RUN_MARKER))
 
     def write_part(self, run: RunHandle, part_id: int, data: Any, *, check_committed: bool = True) -> dict[str, Any]:
         """Write one part's shards under names of their own (a fresh attempt token); return its JSON record, which
@@ -170,8 +170,8 @@ class RunWriter:
         layout.check_part_id(part_id)
         tensors, info = as_flat(data)
         rec_path = self._p(run, layout.record_name(part_id))
-        if check_committed and retrying(lambda: exists(self.store, rec_path), f"checking {self.store.url(rec_path)}",
-                                        write=True):
+        if check_committed and retrying(lambda: file_exists(self.store, rec_path),
+                                        f"checking {self.store.url(rec_path)}", write=True):
             raise PartAlreadyCommittedError(f"part {part_id} of run {run.run_id} is already committed; it will not "
                                             "be rewritten.")
         attempt = layout.new_attempt()

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 from ..errors import MetadataError, StorageError
 from . import layout
-from .fs import Store, exists, list_names, remove
+from .fs import Store, file_exists, list_names, remove
 from .runs import _RECORD_RE, embedded_record, manifest_part_ids, read_manifest, read_record
 
 _LOG = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class RunScan:
 def scan_run(store: Store, run_dir: str) -> RunScan:
     """List the orphans, uncommitted files, strays and bad records of the run in ``run_dir`` (a path in ``store``,
     e.g. ``runs.run_dir(store, entry)``). Reads the marker and the records; never a shard."""
-    committed = exists(store, f"{run_dir}/{layout.RUN_MARKER}")
+    committed = file_exists(store, f"{run_dir}/{layout.RUN_MARKER}")
     record_names = list_names(store, f"{run_dir}/records")
     strays = [n for n in list_names(store, run_dir) if n not in _TOP_LEVEL]
     strays += [f"records/{n}" for n in record_names if not _RECORD_RE.match(n)]

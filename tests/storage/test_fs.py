@@ -1,53 +1,83 @@
-"""Object-store reads: what requests they cost (storage/fs.py)."""
+"""What storage calls cost on S3, counted on the wire (storage/fs.py): requests through a logging proxy in front of
+the local endpoint (tests/fault_proxy.py, no faults). Expected counts follow from the S3 protocol: one GET per
+object read, one HEAD per file check, one PUT per object written; listings only where a folder is listed."""
 
 from __future__ import annotations
+
+import collections
 
 import pytest
 import torch
 
-from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
-from easyroutine_dist.storage.runs import read_marker, run_dir
+from easyroutine_dist.interpretability.activation_saver import ActivationLoader
+from easyroutine_dist.storage.fs import file_exists, list_names, resolve, write_bytes
+from easyroutine_dist.storage.runs import RunWriter, read_marker, run_dir
+from tests.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.s3
 
 
 @pytest.fixture
-def s3_calls(monkeypatch):
-    """Every S3 API call s3fs makes, by operation name, and every size lookup (``_info``)."""
-    import s3fs
-
-    calls: list[str] = []
-    real_call, real_info = s3fs.S3FileSystem._call_s3, s3fs.S3FileSystem._info
-
-    async def call_s3(self, method, *a, **k):
-        calls.append(getattr(method, "__name__", str(method)))
-        return await real_call(self, method, *a, **k)
-
-    async def info(self, *a, **k):
-        calls.append("info")
-        return await real_info(self, *a, **k)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", call_s3)
-    monkeypatch.setattr(s3fs.S3FileSystem, "_info", info)
-    return calls
+def wire(s3_endpoint, s3_storage_options):
+    """``(proxy, storage options through it)``."""
+    with FaultProxy(s3_endpoint, fault_rate=0.0) as proxy:
+        ck = dict(s3_storage_options["client_kwargs"], endpoint_url=proxy.url)
+        yield proxy, {**s3_storage_options, "client_kwargs": ck}
 
 
-def test_s3_whole_shard_and_json_reads_are_one_request_each(s3_bucket_url, s3_storage_options, s3_calls):
+def _kinds(proxy: FaultProxy) -> collections.Counter:
+    """Requests so far by kind (LIST, HEAD, GET, PUT, ...); the log is cleared."""
+    out = collections.Counter("LIST" if m == "GET" and "list-type=" in p else m for m, p in proxy.requests)
+    proxy.requests.clear()
+    return out
+
+
+def _parts(i: int) -> dict[str, torch.Tensor]:
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(i))
+    return {"x": x, "y": x.sum(-1)}
+
+
+def test_writing_a_part_is_one_check_and_two_puts(wire, s3_bucket_url):
+    proxy, opts = wire
+    writer = RunWriter(s3_bucket_url + "/acts", opts)
+    run = writer.begin_run("e", "m", {})
+    _kinds(proxy)
+    for i in range(3):
+        writer.commit_part(run, writer.write_part(run, i, _parts(i)))
+        # is the part committed already (a HEAD of its record), its shard, its record
+        assert _kinds(proxy) == {"HEAD": 1, "PUT": 2}, i
+
+
+def test_reads_are_one_get_per_object(wire, s3_bucket_url):
+    proxy, opts = wire
     url = s3_bucket_url + "/acts"
-    saver = ActivationSaver(url, "e", storage_options=s3_storage_options)
-    w = saver.writer
-    run = w.begin_run("e", "m", {})
-    want = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    for i, x in enumerate(want):
-        w.commit_part(run, w.write_part(run, i, {"x": x, "y": x.sum(-1)}))
-    w.commit_run(run)
-    q = ActivationLoader(url, "e", storage_options=s3_storage_options).query()
-    n_shards = sum(len(r["shards"]) for r in read_marker(q.store, run_dir(q.store, q[-1]))["records"])
-    s3_calls.clear()
+    writer = RunWriter(url, opts)
+    run = writer.begin_run("e", "m", {})
+    for i in range(3):
+        writer.commit_part(run, writer.write_part(run, i, _parts(i)))
+    writer.commit_run(run)
+    q = ActivationLoader(url, "e", storage_options=opts).query()
+    rdir = run_dir(q.store, q[-1])
+    n_shards = sum(len(r["shards"]) for r in read_marker(q.store, rdir)["records"])
+    _kinds(proxy)
     cache, _ = q.load(-1)
-    assert torch.equal(cache["x"], torch.cat(want))  # what was written, read back
-    # whole shards (their size is recorded) and whole JSON objects: one GET each, never a size lookup first
-    assert "info" not in s3_calls and "head_object" not in s3_calls, s3_calls
-    assert s3_calls.count("get_object") >= n_shards
-    s3_calls.clear()
+    assert torch.equal(cache["x"], torch.cat([_parts(i)["x"] for i in range(3)]))  # what was written
+    got = _kinds(proxy)
+    # the run's marker and metadata, each part's record, each shard: GETs only, never a size lookup first
+    assert set(got) == {"GET"} and got["GET"] >= 3 + n_shards, got
     batches = list(q.torch_dataset(keys=["x", "y"], batch_size=5, shuffle=False))
-    assert torch.equal(torch.cat([b["x"] for b in batches]), torch.cat(want))
-    assert "info" not in s3_calls and "head_object" not in s3_calls, s3_calls
+    assert torch.equal(torch.cat([b["x"] for b in batches]), cache["x"])
+    assert set(_kinds(proxy)) == {"GET"}
+
+
+def test_file_checks_and_listings(wire, s3_bucket_url):
+    proxy, opts = wire
+    store = resolve(s3_bucket_url + "/root", opts)
+    write_bytes(store, store.path("d", "a.json"), b"{}")
+    _kinds(proxy)
+    assert file_exists(store, store.path("d", "a.json")) and _kinds(proxy) == {"HEAD": 1}
+    assert not file_exists(store, store.path("d", "b.json")) and _kinds(proxy) == {"HEAD": 1}
+    assert not file_exists(store, store.path("d"))  # a folder is not a file
+    _kinds(proxy)
+    assert list_names(store, store.path("d")) == ["a.json"] and _kinds(proxy) == {"LIST": 1}
+    assert list_names(store, store.path("missing")) == []
