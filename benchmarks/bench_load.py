@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from _s3 import s3_endpoint  # noqa: E402 (scripts run from benchmarks/)
-from bench_reader import _load, _scratch  # noqa: E402
+from bench_reader import _load, _scratch, get_whole  # noqa: E402
 from easyroutine_dist.interpretability.activation_saver import ActivationLoader
 from easyroutine_dist.storage import layout, runs
 from easyroutine_dist.storage.runs import RunWriter, read_marker, run_dir
@@ -46,7 +46,7 @@ def bench(label: str, q, paths: list[str], by_part: list, reps: int) -> None:
     nbytes = sum(sizes[p] for p in paths)
 
     def get(path: str) -> bytes:
-        return fs.cat_file(path) if q.store.is_local else fs.cat_file(path, start=0, end=sizes[path])
+        return get_whole(q.store, path, sizes[path])
 
     def raw() -> None:
         with ThreadPoolExecutor(runs.PREFETCH_PARTS) as pool:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, StorageError
 from ..storage import layout
-from ..storage.fs import file_exists, read_bytes, retrying
+from ..storage.fs import ObjectNotFoundError, read_bytes, retrying
 from ..storage.runs import PartAlreadyCommittedError, RunHandle, RunWriter, check_record
 from .credentials import credential_fingerprint, public_options
 from ..slots import LAYOUT_KEY, VALID_KEY, SlotLayout
@@ -102,9 +102,10 @@ class ExtractionWorker:
     def _existing(writer: RunWriter, run: RunHandle, part_id: int) -> Optional[dict[str, Any]]:
         path = writer.store.path(run.rel, layout.record_name(part_id))
         where = writer.store.url(path)  # retried like the write path: throttling and outages are not fatal
-        if not retrying(lambda: file_exists(writer.store, path), f"checking {where}", write=True):
+        try:  # one request, not a check and then a read
+            return json.loads(retrying(lambda: read_bytes(writer.store, path), f"reading {where}", write=True))
+        except ObjectNotFoundError:
             return None
-        return json.loads(retrying(lambda: read_bytes(writer.store, path), f"reading {where}", write=True))
 
     @staticmethod
     def _maybe_fail(job: WorkerJob, part_id: int) -> None:

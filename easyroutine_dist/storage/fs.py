@@ -312,15 +312,13 @@ def create_exclusive(store: Store, path: str, data: bytes) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _single_get_kw(fs_type: type) -> tuple[tuple[str, Any], ...]:
-    """Keyword that makes ``cat_file`` of a whole object one request on filesystems of ``fs_type``: s3fs (2025+)
-    otherwise asks the object's size first (a HEAD, a whole round trip more per read) to decide whether to split
-    big objects."""
+def _takes_max_concurrency(fs_type: type) -> bool:
+    """Whether ``cat_file`` of ``fs_type`` takes ``max_concurrency`` (s3fs 2025+): with 1, a whole-object read is one
+    request; otherwise s3fs asks the object's size first (a HEAD) to decide whether to split big objects."""
     try:
-        takes = "max_concurrency" in inspect.signature(fs_type._cat_file).parameters
+        return "max_concurrency" in inspect.signature(fs_type._cat_file).parameters
     except (TypeError, ValueError, AttributeError):
-        takes = False
-    return (("max_concurrency", 1),) if takes else ()
+        return False
 
 
 def read_bytes(store: Store, path: str, start: int | None = None, end: int | None = None,
@@ -337,8 +335,8 @@ def read_bytes(store: Store, path: str, start: int | None = None, end: int | Non
                 return store.fs.cat_file(path)
             if size is not None and 0 < size < getattr(store.fs, "default_block_size", 0):
                 return store.fs.cat_file(path, start=0, end=size + 1)
-            kw = dict(_single_get_kw(type(store.fs))) if size is None else {}
-            return store.fs.cat_file(path, **kw)
+            one_get = size is None and _takes_max_concurrency(type(store.fs))
+            return store.fs.cat_file(path, **({"max_concurrency": 1} if one_get else {}))
         return store.fs.cat_file(path, start=start, end=end)
     except FileNotFoundError as exc:
         raise ObjectNotFoundError(f"{store.url(path)} does not exist (removed, or never committed).") from exc

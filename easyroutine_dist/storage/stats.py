@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 from ..errors import StorageError
 from ..statistics import Moments, cache_statistics, merge_statistics, statistics_from_tensors, statistics_to_tensors
 from . import layout
-from .fs import Store, file_exists, read_bytes, write_bytes
+from .fs import ObjectNotFoundError, Store, read_bytes, write_bytes
 from .runs import as_flat, iter_records, read_manifest, read_record, run_dir
 from .shards import read_shard, write_shard
 
@@ -141,9 +141,10 @@ def write_run_statistics(store: Store, rdir: str, ids: list[int],
 def read_run_statistics(store: Store, rdir: str, part_ids: list[int]) -> Optional[Stats]:
     """The run-level statistics file of ``rdir`` when it exists and covers exactly ``part_ids``; else None."""
     path = f"{rdir}/{RUN_JSON}"
-    if not file_exists(store, path):
+    try:
+        raw = read_bytes(store, path)  # one request, not a check and then a read
+    except ObjectNotFoundError:
         return None
-    raw = read_bytes(store, path)
     try:
         body = json.loads(raw)
     except ValueError as exc:
