@@ -2,11 +2,17 @@
 workers vs raw concurrent object reads of the same shard bytes (same number of requests in flight), on the local
 S3 endpoint (moto server in its own process) and on local disk.
 
+Two raw baselines on S3: the stock client (s3fs with botocore's default, which checks each response's CRC32
+against the endpoint's checksum header: every byte checked once, as the reader checks every byte once against the
+crc32c recorded at save time), and the same reads with that check off (no byte checked: a bound no checked read
+reaches). The target is about the first; the ratio to the second is printed too.
+
 Run: PYTHONPATH=. python benchmarks/bench_reader.py [--quick] [--no-s3] [--no-local] [--workers 0,1] [--pairs N].
 Prints a markdown table (copied into docs/performance.md). Per cell, one DataLoader with persistent workers runs a
-first epoch (starting the workers and their S3 clients), then N epochs, each between two raw passes; each epoch's
-ratio is the mean of the raw passes around it over the epoch's seconds, and the cell reports the median ratio
-(the target is about it) and its quartiles. Pairing keeps load that drifts on a shared machine out of the ratio.
+first epoch (starting the workers and their S3 clients), then N epochs, each between two raw passes of each kind;
+each epoch's ratio is the mean of the raw passes around it over the epoch's seconds, and the cell reports the
+median ratio (the target is about it) and its quartiles. Pairing keeps load that drifts on a shared machine out of
+the ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from easyroutine_dist.cache import ActivationCache
 from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
+from easyroutine_dist.storage.fs import shard_store
 from easyroutine_dist.storage.runs import read_marker, run_dir
 
 PREFETCH = 2
@@ -77,10 +84,11 @@ def get_whole(store, path: str, size: int) -> bytes:
     return store.fs.cat_file(path) if store.is_local else store.fs.cat_file(path, start=0, end=size)
 
 
-def raw_seconds(q, threads: int) -> float:
+def raw_seconds(q, threads: int, checked: bool = True) -> float:
     """Every shard of the run fetched whole by ``threads`` concurrent reads, one GET each with the byte range of the
-    whole object (no size lookup first, no parsing, no checks)."""
-    store = q.store
+    whole object (no size lookup first, no parsing). ``checked``: through the stock client (on S3, botocore checks
+    each response's CRC32); otherwise through the client shard reads use, which does not."""
+    store = q.store if checked else shard_store(q.store)
     rdir = run_dir(store, q[-1])
     shards = [(f"{rdir}/shards/{sh['file']}", sh["bytes"]) for rec in read_marker(store, rdir)["records"]
               for sh in rec["shards"]]
@@ -91,11 +99,13 @@ def raw_seconds(q, threads: int) -> float:
     return time.perf_counter() - t
 
 
-def paired(q, workers: int, pairs: int, batch_size: int = 4096) -> tuple[float, list[float], list[float], int]:
+def paired(q, workers: int, pairs: int, batch_size: int = 4096
+           ) -> tuple[float, list[float], list[float], list[float], int]:
     """One DataLoader with persistent workers over ``torch_dataset(unit="tokens")``: a first epoch (worker start-up,
-    S3 clients, filling the shuffle pool), then ``pairs`` epochs, each between two raw passes (:func:`raw_seconds`
-    with ``max(1, workers) x PREFETCH`` threads). Returns the first epoch's seconds, the steady epochs' seconds, the
-    raw passes' seconds (``pairs + 1``) and the tokens per epoch. Pairing each epoch with the raw passes around it
+    S3 clients, filling the shuffle pool), then ``pairs`` epochs, each between two raw passes of each kind
+    (:func:`raw_seconds` with ``max(1, workers) x PREFETCH`` threads, checked and unchecked). Returns the first
+    epoch's seconds, the steady epochs' seconds, the checked and the unchecked raw passes' seconds (``pairs + 1``
+    each) and the tokens per epoch. Pairing each epoch with the raw passes around it
     makes the ratio robust to the load drifting on a shared machine."""
     ds = q.torch_dataset(keys=["resid"], unit="tokens", batch_size=batch_size, shuffle=True,
                          shuffle_buffer=4 * batch_size, prefetch=PREFETCH)
@@ -111,26 +121,28 @@ def paired(q, workers: int, pairs: int, batch_size: int = 4096) -> tuple[float, 
 
     first, n = epoch(0)
     threads = max(1, workers) * PREFETCH
-    raw, steady = [raw_seconds(q, threads)], []
+    raw, bare, steady = [raw_seconds(q, threads)], [raw_seconds(q, threads, False)], []
     for i in range(pairs):
         secs, count = epoch(i + 1)
         assert count == n, (count, n)
         steady.append(secs)
         raw.append(raw_seconds(q, threads))
+        bare.append(raw_seconds(q, threads, False))
     del loader
-    return first, steady, raw, n
+    return first, steady, raw, bare, n
 
 
 def bench(label: str, q, tokens: int, nbytes: int, pairs: int, counts: tuple[int, ...]) -> None:
     for workers in counts:  # 0: read in this process (no worker processes, no IPC)
-        first, steady, raw, n = paired(q, workers, pairs)
+        first, steady, raw, bare, n = paired(q, workers, pairs)
         assert n == tokens, (n, tokens)
         ratios = sorted((raw[i] + raw[i + 1]) / 2 / steady[i] for i in range(pairs))
+        to_bare = sorted((bare[i] + bare[i + 1]) / 2 / steady[i] for i in range(pairs))
         med = statistics.median
         lo, hi = ratios[len(ratios) // 4], ratios[-1 - len(ratios) // 4]
-        print(f"| {label} | {workers} | {nbytes / 2**20:.0f} | {tokens / med(raw):,.0f} | "
-              f"{tokens / first:,.0f} ({med(raw) / first:.2f}) | {tokens / med(steady):,.0f} | **{med(ratios):.2f}** "
-              f"| {lo:.2f}-{hi:.2f} | load {_load()}")
+        print(f"| {label} | {workers} | {nbytes / 2**20:.0f} | {tokens / med(raw):,.0f} | {tokens / med(bare):,.0f} "
+              f"| {tokens / first:,.0f} ({med(raw) / first:.2f}) | {tokens / med(steady):,.0f} | **{med(ratios):.2f}** "
+              f"| {lo:.2f}-{hi:.2f} | {med(to_bare):.2f} | load {_load()}")
 
 
 def main() -> None:
@@ -147,9 +159,11 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus, "
           f"load average at start: {_load()}")
     print(f"run: {parts} parts x {rows} rows x {slots} slots x d={d} float32 (~25% padded slots), "
-          f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads\n")
-    print("| storage | DataLoader workers | MiB | raw tokens/s | reader, 1st epoch (ratio) | reader, steady "
-          "| ratio (median of pairs) | ratio, quartiles |\n|---|---|---|---|---|---|---|---|")
+          f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads (stock client; unchecked: without botocore's "
+          "response CRC32)\n")
+    print("| storage | DataLoader workers | MiB | raw tokens/s | raw, unchecked | reader, 1st epoch (ratio) "
+          "| reader, steady | ratio (median of pairs) | ratio, quartiles | ratio to unchecked |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     if not args.no_local:
         q, tokens, nbytes = make_run(_scratch("bench-reader-"), None, parts, rows, slots, d)
         bench("local disk (page cache)", q, tokens, nbytes, pairs, counts)

@@ -2,7 +2,9 @@
 
 Every request is forwarded to the upstream endpoint (the moto server of tests/s3_fixtures.py), except that
 ``fault_rate`` of them (at random, seeded) get a 503 SlowDown or a reset connection instead, all of them do during
-an outage (:meth:`FaultProxy.outage`), and every one gets 403 AccessDenied in ``deny`` mode. Every request is
+an outage (:meth:`FaultProxy.outage`), and every one gets 403 AccessDenied in ``deny`` mode. With ``corrupt`` set
+to a substring, the body of every GET whose path holds it has its middle byte flipped in transit (headers, the
+endpoint's checksum ones included, pass unchanged). Every request is
 logged (``requests``), so tests can count what a call costs on the wire.
 """
 
@@ -32,6 +34,7 @@ class FaultProxy:
         self.upstream = (up.hostname or "127.0.0.1", up.port or 80)
         self.fault_rate = fault_rate
         self.deny = False
+        self.corrupt: str | None = None
         self.down_until = 0.0
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -94,6 +97,10 @@ class FaultProxy:
                     conn.request(self.command, self.path, body=body, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
+                    if proxy.corrupt and self.command == "GET" and proxy.corrupt in self.path and data:
+                        flipped = bytearray(data)
+                        flipped[len(data) // 2] ^= 0xFF
+                        data = bytes(flipped)
                     self.send_response(resp.status, resp.reason)
                     for k, v in resp.getheaders():
                         if k.lower() not in _HOP and k.lower() != "content-length":

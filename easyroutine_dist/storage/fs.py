@@ -115,6 +115,8 @@ class Store:
     #: local disk only: fsync files before publishing them and their directories after (survives power loss, not
     #: just process crashes)
     durable: bool = False
+    #: the store shard reads go through (see :func:`shard_store`), made on first use
+    _shards: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
@@ -163,6 +165,43 @@ def resolve(base_dir: str | Path, storage_options: dict[str, Any] | None = None)
     if proto in ("file", "local"):
         root = os.path.abspath(root)
     return Store(fs=fs, root=root.rstrip("/") or "/", protocol=proto, storage_options=opts)
+
+
+#: botocore's switch for checking a response's CRC32 against the checksum header the endpoint sends
+_RESPONSE_CRC = "response_checksum_validation"
+_SHARDS_LOCK = threading.Lock()
+
+
+def shard_store(store: Store) -> Store:
+    """The store to fetch shard bytes through. On S3, a client that does not compute botocore's CRC32 of each
+    response: every byte a shard read returns is checked against the digest recorded when the shard was written
+    (crc32c or sha256, :func:`..shards.read_shard`), end to end, so the transport's own CRC32 was a second pass over
+    the same bytes in the client's event-loop thread (a quarter of its CPU time in the streaming reader). Other
+    reads (JSON metadata, which carries no digest of ours) keep botocore's default. A ``config_kwargs`` that sets
+    ``response_checksum_validation`` itself is kept as given; other stores are returned as they are."""
+    if store.protocol not in ("s3", "s3a"):
+        return store
+    if store._shards is None:
+        opts = dict(store.storage_options)
+        config = dict(opts.get("config_kwargs") or {})
+        if _RESPONSE_CRC in config or not _botocore_knows(_RESPONSE_CRC):
+            shards = store
+        else:
+            opts["config_kwargs"] = {**config, _RESPONSE_CRC: "when_required"}
+            shards = resolve(store.url(store.root), opts)
+        with _SHARDS_LOCK:
+            if store._shards is None:
+                store._shards = shards
+    return store._shards
+
+
+@functools.lru_cache(maxsize=None)
+def _botocore_knows(option: str) -> bool:
+    try:
+        from botocore.config import Config
+    except ImportError:
+        return False
+    return option in getattr(Config, "OPTION_DEFAULTS", {})
 
 
 def resolve_from_env(storage_options: dict[str, Any] | None = None) -> Store:

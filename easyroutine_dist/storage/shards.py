@@ -24,7 +24,7 @@ import torch
 
 from ..cache import cat_rows
 from ..errors import CorruptShardError, StorageError
-from .fs import Store, as_storage_error, make_dirs, read_bytes, retrying, sync, sync_dir
+from .fs import Store, as_storage_error, make_dirs, read_bytes, retrying, shard_store, sync, sync_dir
 
 #: default shard size limit: well inside S3's 10,000-part multipart limit at s3fs' default 50 MiB blocks, and
 #: the most memory an object-store upload copies at once
@@ -287,6 +287,7 @@ def read_shard(store: Store, path: str, record: dict[str, Any], keys: Iterable[s
     """
     where = store.url(path)
     gate = gate or nullcontext()
+    store = shard_store(store)  # every byte fetched is checked below: no second check by the transport
     algo = record_checksum(record)
     digest = _DIGEST[algo]
     wanted = list(record["tensors"]) if keys is None else [k for k in record["tensors"] if k in set(keys)]

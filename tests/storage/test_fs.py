@@ -9,8 +9,10 @@ import collections
 import pytest
 import torch
 
+from easyroutine_dist.errors import CorruptShardError
 from easyroutine_dist.interpretability.activation_saver import ActivationLoader
-from easyroutine_dist.storage.fs import file_exists, list_names, resolve, write_bytes
+from easyroutine_dist.storage.layout import RUN_MARKER
+from easyroutine_dist.storage.fs import file_exists, list_names, resolve, shard_store, write_bytes
 from easyroutine_dist.storage.runs import RunWriter, read_marker, run_dir
 from tests.fault_proxy import FaultProxy
 
@@ -68,6 +70,45 @@ def test_reads_are_one_get_per_object(wire, s3_bucket_url):
     batches = list(q.torch_dataset(keys=["x", "y"], batch_size=5, shuffle=False))
     assert torch.equal(torch.cat([b["x"] for b in batches]), cache["x"])
     assert set(_kinds(proxy)) == {"GET"}
+
+
+def test_shard_bytes_are_checked_against_their_recorded_digest_not_by_the_transport(wire, s3_bucket_url, tmp_path):
+    """Shard reads skip botocore's response CRC32 (storage/fs.py shard_store): every byte is checked against the
+    digest recorded at save time. A byte flipped in transit, under the endpoint's own checksum header, is caught
+    by that check (CorruptShardError naming the shard), while other reads keep the transport's check."""
+    proxy, opts = wire
+    url = s3_bucket_url + "/acts"
+    writer = RunWriter(url, opts)
+    run = writer.begin_run("e", "m", {})
+    writer.commit_part(run, writer.write_part(run, 0, _parts(0)))
+    writer.commit_run(run)
+    q = ActivationLoader(url, "e", storage_options=opts).query()
+    rdir = run_dir(q.store, q[-1])
+    shard = read_marker(q.store, rdir)["records"][0]["shards"][0]
+    path = f"{rdir}/shards/{shard['file']}"
+    proxy.corrupt = "/shards/"
+    # the endpoint sends a CRC32 of the shard: a client with botocore's default rejects the flipped byte itself
+    with pytest.raises(Exception, match="(?i)checksum") as caught:
+        resolve(url, opts).fs.cat_file(path, start=0, end=shard["bytes"] + 1)
+    assert not isinstance(caught.value, CorruptShardError)
+    with pytest.raises(CorruptShardError, match=shard["file"]):
+        q.load(-1)
+    with pytest.raises(CorruptShardError, match=shard["file"]):
+        next(iter(q.torch_dataset(keys=["x"], batch_size=2, shuffle=False)))
+    proxy.corrupt = None
+    cache, _ = q.load(-1)
+    assert torch.equal(cache["x"], _parts(0)["x"])
+    # JSON metadata carries no digest of ours: its reads keep the transport's check
+    assert shard_store(q.store) is not q.store and shard_store(q.store) is shard_store(q.store)
+    proxy.corrupt = RUN_MARKER
+    with pytest.raises(Exception, match="(?i)checksum"):
+        read_marker(resolve(url, opts), rdir)
+    proxy.corrupt = None
+    # a config that sets the check itself is kept as given; local stores have no transport check to skip
+    own = resolve(url, {**opts, "config_kwargs": {"response_checksum_validation": "when_supported"}})
+    assert shard_store(own) is own
+    local = resolve(str(tmp_path))
+    assert shard_store(local) is local
 
 
 def test_file_checks_and_listings(wire, s3_bucket_url):
