@@ -126,7 +126,7 @@ class RunDataset(IterableDataset):
     In DataLoader workers, batches are built in shared memory that each worker reuses once the main process holds
     no tensor (nor view) of the batch any more (:mod:`.handover`); a batch kept, even as a view, is never
     overwritten. Clone a batch before sending it on to another process, or pass ``reuse_batch_memory=False``.
-    From object storage, use ``num_workers >= 2``: one process runs its S3 client and the batching under one GIL.
+    From object storage, use ``num_workers >= 2``: one process's S3 client and batching share its CPU time.
     """
 
     def __init__(self, store: Store, entry: dict[str, Any], keys: Optional[list[str]] = None, unit: str = "rows",
