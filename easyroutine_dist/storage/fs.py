@@ -116,7 +116,7 @@ class Store:
     #: just process crashes)
     durable: bool = False
     #: the store shard reads go through (see :func:`shard_store`), made on first use
-    _shards: Any = field(default=None, repr=False, compare=False)
+    _shards: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_local(self) -> bool:
