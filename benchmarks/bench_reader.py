@@ -84,14 +84,18 @@ def get_whole(store, path: str, size: int) -> bytes:
     return store.fs.cat_file(path) if store.is_local else store.fs.cat_file(path, start=0, end=size)
 
 
-def raw_seconds(q, threads: int, checked: bool = True) -> float:
-    """Every shard of the run fetched whole by ``threads`` concurrent reads, one GET each with the byte range of the
-    whole object (no size lookup first, no parsing). ``checked``: through the stock client (on S3, botocore checks
-    each response's CRC32); otherwise through the client shard reads use, which does not."""
+def shard_list(q) -> list[tuple[str, int]]:
+    """``(path, bytes)`` of every shard of the run (read once per cell, outside the timed passes)."""
+    rdir = run_dir(q.store, q[-1])
+    return [(f"{rdir}/shards/{sh['file']}", sh["bytes"]) for rec in read_marker(q.store, rdir)["records"]
+            for sh in rec["shards"]]
+
+
+def raw_seconds(q, shards: list[tuple[str, int]], threads: int, checked: bool = True) -> float:
+    """``shards`` fetched whole by ``threads`` concurrent reads, one GET each with the byte range of the whole
+    object (no size lookup first, no parsing). ``checked``: through the stock client (on S3, botocore checks each
+    response's CRC32); otherwise through the client shard reads use, which does not."""
     store = q.store if checked else shard_store(q.store)
-    rdir = run_dir(store, q[-1])
-    shards = [(f"{rdir}/shards/{sh['file']}", sh["bytes"]) for rec in read_marker(store, rdir)["records"]
-              for sh in rec["shards"]]
     t = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         total = sum(len(b) for b in pool.map(lambda s: get_whole(store, *s), shards))
@@ -105,8 +109,8 @@ def paired(q, workers: int, pairs: int, batch_size: int = 4096
     S3 clients, filling the shuffle pool), then ``pairs`` epochs, each between two raw passes of each kind
     (:func:`raw_seconds` with ``max(1, workers) x PREFETCH`` threads, checked and unchecked). Returns the first
     epoch's seconds, the steady epochs' seconds, the checked and the unchecked raw passes' seconds (``pairs + 1``
-    each) and the tokens per epoch. Pairing each epoch with the raw passes around it
-    makes the ratio robust to the load drifting on a shared machine."""
+    each) and the tokens per epoch. Pairing each epoch with the raw passes around it makes the ratio robust to the
+    load drifting on a shared machine."""
     ds = q.torch_dataset(keys=["resid"], unit="tokens", batch_size=batch_size, shuffle=True,
                          shuffle_buffer=4 * batch_size, prefetch=PREFETCH)
     loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
@@ -120,14 +124,14 @@ def paired(q, workers: int, pairs: int, batch_size: int = 4096
         return time.perf_counter() - t, count
 
     first, n = epoch(0)
-    threads = max(1, workers) * PREFETCH
-    raw, bare, steady = [raw_seconds(q, threads)], [raw_seconds(q, threads, False)], []
+    threads, shards = max(1, workers) * PREFETCH, shard_list(q)
+    raw, bare, steady = [raw_seconds(q, shards, threads)], [raw_seconds(q, shards, threads, False)], []
     for i in range(pairs):
         secs, count = epoch(i + 1)
         assert count == n, (count, n)
         steady.append(secs)
-        raw.append(raw_seconds(q, threads))
-        bare.append(raw_seconds(q, threads, False))
+        raw.append(raw_seconds(q, shards, threads))
+        bare.append(raw_seconds(q, shards, threads, False))
     del loader
     return first, steady, raw, bare, n
 
@@ -159,8 +163,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus, "
           f"load average at start: {_load()}")
     print(f"run: {parts} parts x {rows} rows x {slots} slots x d={d} float32 (~25% padded slots), "
-          f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads (stock client; unchecked: without botocore's "
-          "response CRC32)\n")
+          f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads (stock client; "
+          "unchecked: without botocore's response CRC32)\n")
     print("| storage | DataLoader workers | MiB | raw tokens/s | raw, unchecked | reader, 1st epoch (ratio) "
           "| reader, steady | ratio (median of pairs) | ratio, quartiles | ratio to unchecked |\n"
           "|---|---|---|---|---|---|---|---|---|---|")

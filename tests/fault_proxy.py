@@ -4,8 +4,8 @@ Every request is forwarded to the upstream endpoint (the moto server of tests/s3
 ``fault_rate`` of them (at random, seeded) get a 503 SlowDown or a reset connection instead, all of them do during
 an outage (:meth:`FaultProxy.outage`), and every one gets 403 AccessDenied in ``deny`` mode. With ``corrupt`` set
 to a substring, the body of every GET whose path holds it has its middle byte flipped in transit (headers, the
-endpoint's checksum ones included, pass unchanged). Every request is
-logged (``requests``), so tests can count what a call costs on the wire.
+endpoint's checksum ones included, pass unchanged). Every request is logged (``requests``), so tests can count
+what a call costs on the wire.
 """
 
 from __future__ import annotations

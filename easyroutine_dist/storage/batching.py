@@ -61,8 +61,9 @@ class Batcher:
     *count* of samples per part of a uniform draw of ``batch_size`` of the pool's ``n`` pending samples (one
     multivariate hypergeometric draw, O(parts), from a numpy generator seeded from ``generator``), then that many
     samples from the front of each part's order. That is the same distribution as drawing the samples themselves
-    (a uniform subset of a part's pending samples, of the drawn size), with one ``index_select`` per part and key. Within a batch, samples come grouped by part (the batch's contents are the
-    random draw; its order does not matter to a loss averaged over the batch). A part is released when its last
+    (a uniform subset of a part's pending samples, of the drawn size), with one ``index_select`` per part and key.
+    Within a batch, samples come grouped by part (the batch's contents are the random draw; its order does not
+    matter to a loss averaged over the batch). A part is released when its last
     pending sample is drawn. When the parts referred to exceed ``4 x (capacity + batch_size)`` samples, the
     pending samples of the sparsest parts (at most half pending) are compacted into one chunk, so the pool refers
     to at most ``max(4 x (capacity + batch_size), 2 x pending)`` samples and copies at most as many as it frees."""

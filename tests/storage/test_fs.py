@@ -1,6 +1,7 @@
 """What storage calls cost on S3, counted on the wire (storage/fs.py): requests through a logging proxy in front of
 the local endpoint (tests/fault_proxy.py, no faults). Expected counts follow from the S3 protocol: one GET per
-object read, one HEAD per file check, one PUT per object written; listings only where a folder is listed."""
+object read, one HEAD per file check, one PUT per object written; listings only where a folder is listed. Also
+which check catches a byte changed in transit (the proxy corrupting GET bodies)."""
 
 from __future__ import annotations
 
