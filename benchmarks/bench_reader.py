@@ -4,8 +4,9 @@ S3 endpoint (moto server in its own process) and on local disk.
 
 Two raw baselines on S3: the stock client (s3fs with botocore's default, which checks each response's CRC32
 against the endpoint's checksum header: every byte checked once, as the reader checks every byte once against the
-crc32c recorded at save time), and the same reads with that check off (no byte checked: a bound no checked read
-reaches). The target is about the first; the ratio to the second is printed too.
+crc32c recorded at save time), and the client the reader's shard reads use (``fs.shard_store``: botocore's
+blocking client, storage/s3_reads.py) with no byte checked: a bound no checked read reaches. The target is about
+the first; the ratio to the second is printed too.
 
 Run: PYTHONPATH=. python benchmarks/bench_reader.py [--quick] [--no-s3] [--no-local] [--workers 0,1] [--pairs N].
 Prints a markdown table (copied into docs/performance.md). Per cell, one DataLoader with persistent workers runs a
@@ -33,9 +34,9 @@ from torch.utils.data import DataLoader
 from easyroutine_dist.cache import ActivationCache
 from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
 from easyroutine_dist.storage.fs import shard_store
+from easyroutine_dist.storage.reader import PREFETCH  # the reader's default requests in flight (3)
 from easyroutine_dist.storage.runs import read_marker, run_dir
 
-PREFETCH = 2
 
 
 def _load() -> str:
@@ -93,8 +94,9 @@ def shard_list(q) -> list[tuple[str, int]]:
 
 def raw_seconds(q, shards: list[tuple[str, int]], threads: int, checked: bool = True) -> float:
     """``shards`` fetched whole by ``threads`` concurrent reads, one GET each with the byte range of the whole
-    object (no size lookup first, no parsing). ``checked``: through the stock client (on S3, botocore checks each
-    response's CRC32); otherwise through the client shard reads use, which does not."""
+    object (no size lookup first, no parsing). ``checked``: through the stock client (on S3, s3fs, and botocore
+    checks each response's CRC32); otherwise through the client shard reads use (on S3, botocore's blocking client,
+    no check)."""
     store = q.store if checked else shard_store(q.store)
     t = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -163,10 +165,11 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {os.cpu_count()} cpus, "
           f"load average at start: {_load()}")
     print(f"run: {parts} parts x {rows} rows x {slots} slots x d={d} float32 (~25% padded slots), "
-          f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads (stock client; "
-          "unchecked: without botocore's response CRC32)\n")
-    print("| storage | DataLoader workers | MiB | raw tokens/s | raw, unchecked | reader, 1st epoch (ratio) "
-          "| reader, steady | ratio (median of pairs) | ratio, quartiles | ratio to unchecked |\n"
+          f"prefetch {PREFETCH}; raw = same shards fetched whole by workers x {PREFETCH} threads (stock client: s3fs, "
+          "responses' CRC32 checked; unchecked: the reader's blocking botocore client, nothing checked)\n")
+    print("| storage | DataLoader workers | MiB | raw tokens/s | raw, reader's client unchecked "
+          "| reader, 1st epoch (ratio) | reader, steady | ratio (median of pairs) | ratio, quartiles "
+          "| ratio to unchecked |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     if not args.no_local:
         q, tokens, nbytes = make_run(_scratch("bench-reader-"), None, parts, rows, slots, d)

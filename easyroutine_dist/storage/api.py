@@ -281,10 +281,11 @@ class QueryResult:
 
     def torch_dataset(self, which: Union[int, str] = -1, keys: Optional[list[str]] = None, unit: str = "rows",
                       batch_size: int = 256, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
-                      world_size: Optional[int] = None, shuffle_buffer: int = 8192, prefetch: int = 2,
+                      world_size: Optional[int] = None, shuffle_buffer: int = 8192, prefetch: Optional[int] = None,
                       normalize: Optional[str] = None, reuse_batch_memory: bool = True) -> Any:
         """A ``torch.utils.data.IterableDataset`` streaming the run's parts (local or S3) as batches; see
-        :class:`easyroutine_dist.storage.reader.RunDataset`. Use ``DataLoader(ds, batch_size=None, num_workers=n)``."""
+        :class:`easyroutine_dist.storage.reader.RunDataset` (``prefetch=None``: its default, ``reader.PREFETCH``). Use
+        ``DataLoader(ds, batch_size=None, num_workers=n)``."""
         from .reader import RunDataset
 
         return RunDataset(self.store, self._entry(which, "torch_dataset"), keys=keys, unit=unit, batch_size=batch_size,

@@ -6,6 +6,7 @@ package ever writes them to storage.
 
 from __future__ import annotations
 
+
 import functools
 import inspect
 import logging
@@ -14,7 +15,7 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -173,22 +174,29 @@ _SHARDS_LOCK = threading.Lock()
 
 
 def shard_store(store: Store) -> Store:
-    """The store to fetch shard bytes through. On S3, a client that does not compute botocore's CRC32 of each
+    """The store to fetch shard bytes through. On S3: (1) a client that does not compute botocore's CRC32 of each
     response: every byte a shard read returns is checked against the digest recorded when the shard was written
     (crc32c or sha256, :func:`..shards.read_shard`), end to end, so the transport's own CRC32 was a second pass over
-    the same bytes in the client's event-loop thread (a quarter of its CPU time in the streaming reader). Other
-    reads (JSON metadata, which carries no digest of ours) keep botocore's default. A ``config_kwargs`` that sets
-    ``response_checksum_validation`` itself is kept as given; other stores are returned as they are."""
+    the same bytes in the client's event-loop thread (a quarter of its CPU time in the streaming reader); other
+    reads (JSON metadata, which carries no digest of ours) keep botocore's default, and a ``config_kwargs`` that
+    sets ``response_checksum_validation`` itself is kept as given; (2) byte ranges fetched by botocore's blocking
+    client, one request per calling thread (:mod:`.s3_reads`: half the CPU of s3fs's event loop), where the
+    store's options allow. Other stores are returned as they are."""
     if store.protocol not in ("s3", "s3a"):
         return store
     if store._shards is None:
         opts = dict(store.storage_options)
         config = dict(opts.get("config_kwargs") or {})
         if _RESPONSE_CRC in config or not _botocore_knows(_RESPONSE_CRC):
-            shards = store
+            shards = replace(store)
         else:
             opts["config_kwargs"] = {**config, _RESPONSE_CRC: "when_required"}
             shards = resolve(store.url(store.root), opts)
+        from .s3_reads import blocking_reads
+
+        blocking = blocking_reads(shards.fs, opts)
+        if blocking is not None:
+            shards.fs = blocking
         with _SHARDS_LOCK:
             if store._shards is None:
                 store._shards = shards

@@ -48,9 +48,11 @@ from .shards import read_part_shards
 from .stats import ordered_map, stored_statistics
 
 UNITS = ("rows", "tokens")
+#: default requests in flight per reader: 3 keeps one worker's S3 reads ahead of its batching (docs/performance.md)
+PREFETCH = 3
 NORMALIZE = (None, "mean_std", "norm")
 
-__all__ = ["RunDataset"]
+__all__ = ["PREFETCH", "RunDataset"]
 
 
 @dataclass
@@ -126,12 +128,13 @@ class RunDataset(IterableDataset):
     In DataLoader workers, batches are built in shared memory that each worker reuses once the main process holds
     no tensor (nor view) of the batch any more (:mod:`.handover`); a batch kept, even as a view, is never
     overwritten. Clone a batch before sending it on to another process, or pass ``reuse_batch_memory=False``.
-    From object storage, use ``num_workers >= 2``: one process's S3 client and batching share its CPU time.
+    ``prefetch``: shard requests in flight per reader (None: :data:`PREFETCH`, 3; memory grows by a part per
+    request). From object storage, use ``num_workers >= 2``: one process's S3 client and batching share its CPU.
     """
 
     def __init__(self, store: Store, entry: dict[str, Any], keys: Optional[list[str]] = None, unit: str = "rows",
                  batch_size: int = 256, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, shuffle_buffer: int = 8192, prefetch: int = 2,
+                 world_size: Optional[int] = None, shuffle_buffer: int = 8192, prefetch: Optional[int] = None,
                  normalize: Optional[str] = None, reuse_batch_memory: bool = True) -> None:
         super().__init__()
         if unit not in UNITS:
@@ -140,7 +143,7 @@ class RunDataset(IterableDataset):
             raise ConfigError(f"normalize={normalize!r} must be one of {list(NORMALIZE)}.")
         self.batch_size = _positive("batch_size", batch_size)
         self.shuffle_buffer = _positive("shuffle_buffer", shuffle_buffer)
-        self.prefetch = _positive("prefetch", prefetch)
+        self.prefetch = _positive("prefetch", PREFETCH if prefetch is None else prefetch)
         self.rank, self.world_size = _default_rank(rank, world_size)
         self.unit, self.shuffle, self.seed = unit, bool(shuffle), int(seed)
         self.reuse_batch_memory = bool(reuse_batch_memory)

@@ -15,6 +15,7 @@ from easyroutine_dist.interpretability.activation_saver import ActivationLoader
 from easyroutine_dist.storage.layout import RUN_MARKER
 from easyroutine_dist.storage.fs import file_exists, list_names, resolve, shard_store, write_bytes
 from easyroutine_dist.storage.runs import RunWriter, read_marker, run_dir
+from easyroutine_dist.storage.s3_reads import BlockingS3Reads
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.s3
@@ -105,9 +106,17 @@ def test_shard_bytes_are_checked_against_their_recorded_digest_not_by_the_transp
     with pytest.raises(Exception, match="(?i)checksum"):
         read_marker(resolve(url, opts), rdir)
     proxy.corrupt = None
-    # a config that sets the check itself is kept as given; local stores have no transport check to skip
+    # a config that sets the check itself is kept as given, by the blocking client shard ranges go through too
     own = resolve(url, {**opts, "config_kwargs": {"response_checksum_validation": "when_supported"}})
-    assert shard_store(own) is own
+    assert isinstance(shard_store(q.store).fs, BlockingS3Reads) and isinstance(shard_store(own).fs, BlockingS3Reads)
+    proxy.corrupt = "/shards/"
+    with pytest.raises(Exception, match="(?i)checksum") as caught:
+        shard_store(own).fs.cat_file(path, start=0, end=shard["bytes"] + 1)
+    assert not isinstance(caught.value, CorruptShardError)
+    proxy.corrupt = None
+    # options only s3fs understands keep shard reads on s3fs; local stores have no transport check to skip
+    payer = resolve(url, {**opts, "requester_pays": True})
+    assert not isinstance(shard_store(payer).fs, BlockingS3Reads)
     local = resolve(str(tmp_path))
     assert shard_store(local) is local
 

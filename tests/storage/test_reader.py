@@ -149,6 +149,36 @@ def test_prefetch_is_bounded(stored, monkeypatch):
     assert sorted(started) == [0, 1, 2, 3]
 
 
+def test_default_prefetch_keeps_that_many_requests_in_flight(stored, monkeypatch):
+    """By default a reader keeps ``reader.PREFETCH`` (3) shard requests in flight, never more."""
+    import threading
+    import time
+
+    from easyroutine_dist.storage import shards
+    from easyroutine_dist.storage.reader import PREFETCH
+
+    q, _ = stored
+    lock, now, peak = threading.Lock(), [0], [0]
+    real = shards.read_bytes
+
+    def slow(*args, **kwargs):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.2)  # long enough that every request the reader may start is started meanwhile
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(shards, "read_bytes", slow)
+    ds = q.torch_dataset(keys=["resid_out_1"], batch_size=64, shuffle=False)
+    assert ds.prefetch == PREFETCH == 3 and len(ds.parts) > PREFETCH
+    rows = sum(int(b["row_index"].shape[0]) for b in ds)
+    assert rows == ds.n_rows and peak[0] == PREFETCH
+
+
 def test_bad_requests_are_refused_before_reading(stored, local_backend):
     q, _ = stored
     with pytest.raises(ConfigError, match="unit"):
