@@ -66,7 +66,13 @@ class BlockingS3Reads:
         self._clients: dict[int, Any] = {}  # per process id
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("_fs", "_clients"):  # not set yet (while unpickling): never look them up on ``fs``
+            raise AttributeError(name)
         return getattr(self._fs, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its filesystem only (a dataset sent to spawned DataLoader workers): clients are per process."""
+        return BlockingS3Reads, (self._fs,)
 
     def _client(self) -> Any:
         """This process' client (made once per process)."""

@@ -5,6 +5,7 @@ s3fs, and a client of its own in a forked process."""
 from __future__ import annotations
 
 import os
+import pickle
 
 import pytest
 from botocore.exceptions import ResponseStreamingError
@@ -101,3 +102,13 @@ def test_a_forked_process_makes_its_own_client(obj):
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     assert reads._client() is parent  # the parent keeps its own
+
+
+def test_a_pickled_store_reads_with_a_client_of_its_own(obj):
+    """A dataset sent to spawned DataLoader workers is pickled with its store and the store's shard store."""
+    store, reads, path = obj
+    reads._client()
+    assert isinstance(shard_store(pickle.loads(pickle.dumps(store))).fs, BlockingS3Reads)
+    again = pickle.loads(pickle.dumps(shard_store(store)))
+    assert isinstance(again.fs, BlockingS3Reads) and again.fs._clients == {}
+    assert again.fs.cat_file(path, start=3, end=9) == DATA[3:9]
