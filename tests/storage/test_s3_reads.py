@@ -8,6 +8,7 @@ import os
 import pickle
 
 import pytest
+import torch
 from botocore.exceptions import ResponseStreamingError
 
 from easyroutine_dist.storage import s3_reads
@@ -112,3 +113,26 @@ def test_a_pickled_store_reads_with_a_client_of_its_own(obj):
     again = pickle.loads(pickle.dumps(shard_store(store)))
     assert isinstance(again.fs, BlockingS3Reads) and again.fs._clients == {}
     assert again.fs.cat_file(path, start=3, end=9) == DATA[3:9]
+
+
+def test_spawned_dataloader_workers_read_every_row_once(s3_bucket_url, s3_storage_options):
+    """The real case of the pickling above: a dataset whose store already read shards (it holds a client), sent to
+    two spawned DataLoader workers; every row arrives once, equal to the row ``load()`` returns."""
+    from torch.utils.data import DataLoader
+
+    from easyroutine_dist.interpretability.activation_saver import ActivationLoader, ActivationSaver
+
+    url = s3_bucket_url + "/spawn"
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
+    ActivationSaver(url, "spawn", storage_options=s3_storage_options).save(x, "m", ["last"], None, {})
+    q = ActivationLoader(url, "spawn", storage_options=s3_storage_options).query()
+    ds = q.torch_dataset(batch_size=7, shuffle=True)
+    next(iter(ds))  # this process reads first
+    assert isinstance(shard_store(ds.store).fs, BlockingS3Reads) and shard_store(ds.store).fs._clients
+    got = {}
+    for b in DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=120):
+        for i, row in zip(b["row_index"].tolist(), b["activations"]):
+            assert i not in got
+            got[i] = row.clone()
+    assert sorted(got) == list(range(40))
+    assert torch.equal(torch.stack([got[i] for i in range(40)]), x)
