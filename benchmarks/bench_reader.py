@@ -38,7 +38,6 @@ from easyroutine_dist.storage.reader import PREFETCH  # the reader's default req
 from easyroutine_dist.storage.runs import read_marker, run_dir
 
 
-
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 

@@ -6,7 +6,6 @@ package ever writes them to storage.
 
 from __future__ import annotations
 
-
 import functools
 import inspect
 import logging

@@ -1,7 +1,7 @@
 """Shard bytes from S3 through botocore's blocking client, one request per calling thread.
 
 s3fs runs every request of a process on one asyncio event-loop thread, and aiohttp hands a response body over in
-64 KiB steps of that loop: fetching 8 MiB shards with 3 requests in flight, it used 0.55-0.70 s of CPU per 384 MiB
+64 KiB steps of that loop: fetching 8 MiB shards with 3 requests in flight, it used 0.51-0.70 s of CPU per 384 MiB
 against 0.28-0.32 s for botocore's blocking client (urllib3, which reads a body of known length straight into one
 buffer without the GIL), and fetched at 490-660 against 790-1,000 MB/s (benchmarks/bench_reader.py, 2-core
 machine, local S3 endpoint). Shard reads come from threads already (the reader's read-ahead, ``load()``,
